@@ -1,0 +1,68 @@
+"""`loraplex` console script: one entry point for the base, training and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from training.errors import LoraplexError
+
+
+def cmd_base(args: argparse.Namespace) -> int:
+    from training.base import ensure_base
+
+    print(ensure_base(rebuild=args.rebuild))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.run import main as train_main
+
+    return train_main(args.rest)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from loraplex.dataclass_cli import parse_dataclass_args
+    from serving.launch import ServeOptions, serve_forever
+
+    options = parse_dataclass_args(ServeOptions, args.rest, "loraplex serve", "serve the base + adapters")
+    return serve_forever(options)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from loraplex.demo import run_demo
+
+    return run_demo(retrain=args.retrain, examples=args.examples)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    base = sub.add_parser("base", help="print the embedded base's path, building it if missing")
+    base.add_argument("--rebuild", action="store_true")
+    base.set_defaults(func=cmd_base)
+
+    train = sub.add_parser("train", help="QLoRA fine-tuning (same flags as training/run.py)", add_help=False)
+    train.add_argument("rest", nargs=argparse.REMAINDER)
+    train.set_defaults(func=cmd_train)
+
+    serve = sub.add_parser("serve", help="Ray Serve: gRPC :9000 + OpenAI HTTP :8000 (see --help)", add_help=False)
+    serve.add_argument("rest", nargs=argparse.REMAINDER)
+    serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser("demo", help="the embedded base + demo tenant adapters, side by side")
+    demo.add_argument("--retrain", action="store_true", help="retrain the demo adapters first")
+    demo.add_argument("--examples", type=int, default=3, help="answers to print per tenant")
+    demo.set_defaults(func=cmd_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LoraplexError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
