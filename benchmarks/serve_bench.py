@@ -1,0 +1,147 @@
+"""Serving benchmark: N concurrent clients over K adapters, three ways, side by side in one run.
+
+  (a) base     the loraplex engine with no adapters (the ceiling for the same concurrency)
+  (b) naive    one PEFT model holding all adapters, one request at a time, set_adapter per request
+  (c) loraplex the engine with every request on its own adapter, continuous mixed batching
+
+Reports generated tokens/s and p50/p99 request latency; prints a table and writes JSON.
+
+    python benchmarks/serve_bench.py [--clients 16] [--adapters 8] [--requests 64] [--max-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PROMPTS = [
+    "Write a sentence about the red cat:\n", "Repeat after me: alice paris\n", "How many words: dog tree\n",
+    "Month number 7 is called\n", "Write a sentence about the old ship:\n", "First word of: bread lamp door\n",
+]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def _summary(name: str, latencies: list[float], tokens: int, elapsed: float) -> dict:
+    return {"mode": name, "requests": len(latencies), "generated_tokens": tokens, "seconds": elapsed,
+            "tokens_per_s": tokens / elapsed, "p50_s": statistics.median(latencies),
+            "p99_s": _percentile(latencies, 0.99)}
+
+
+def run_engine(engine, jobs: list[tuple[str, str]], clients: int, max_tokens: int, name: str) -> dict:
+    """`clients` threads, each sending its share of jobs one after another."""
+    from serving.engine.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    latencies, tokens, lock = [], [0], threading.Lock()
+
+    def client(share):
+        for prompt, adapter in share:
+            started = time.perf_counter()
+            _, final = engine.submit(prompt, adapter, params).result(600)
+            with lock:
+                latencies.append(time.perf_counter() - started)
+                tokens[0] += final.completion_tokens
+
+    threads = [threading.Thread(target=client, args=(jobs[i::clients],)) for i in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return _summary(name, latencies, tokens[0], time.perf_counter() - started)
+
+
+def run_naive_peft(base_dir: Path, adapter_dirs: dict[str, Path], jobs, max_tokens: int) -> dict:
+    """What you get without a multi-adapter engine: switch the active adapter, generate, repeat."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from training.adapter_id import internal_name
+    from training.data import encode_prompt
+    from training.quant import load_nf4_base
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    model = None
+    for adapter_id, folder in adapter_dirs.items():
+        if model is None:
+            model = PeftModel.from_pretrained(load_nf4_base(base_dir), str(folder), adapter_name=internal_name(adapter_id))
+        else:
+            model.load_adapter(str(folder), adapter_name=internal_name(adapter_id))
+    model.eval()
+    latencies, tokens = [], 0
+    started = time.perf_counter()
+    for prompt, adapter in jobs:
+        t0 = time.perf_counter()
+        model.set_adapter(internal_name(adapter))
+        ids = torch.tensor([encode_prompt(tokenizer, prompt)])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+        tokens += out.shape[1] - ids.shape[1]
+        latencies.append(time.perf_counter() - t0)
+    return _summary("naive PEFT switching", latencies, tokens, time.perf_counter() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-model", type=Path, default=None)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--naive-requests", type=int, default=16, help="(b) is slow: fewer requests, same per-request work")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--quantization", default="nf4", choices=["nf4", "bf16"])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve.json"))
+    args = parser.parse_args()
+
+    from serving.engine.engine import Engine, EngineConfig
+    from training.base import ensure_base
+    from training.random_adapter import make_random_adapter
+
+    base_dir = args.base_model or ensure_base()
+    store = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
+    adapter_dirs = {f"bench-{i}": make_random_adapter(base_dir, store / f"bench-{i}", seed=i, rank=16)
+                    for i in range(args.adapters)}
+    ids = list(adapter_dirs)
+    jobs = [(PROMPTS[i % len(PROMPTS)], ids[i % len(ids)]) for i in range(args.requests)]
+    engine = Engine(EngineConfig(base_model=str(base_dir), adapters=str(store), max_batch=args.clients,
+                                 max_loras=args.adapters, quantization=args.quantization))
+    run_engine(engine, jobs[: args.clients], args.clients, 4, "warm-up")  # loads every adapter once
+    results = [
+        run_engine(engine, [(p, "") for p, _ in jobs], args.clients, args.max_tokens, "base alone"),
+        run_naive_peft(base_dir, adapter_dirs, jobs[: args.naive_requests], args.max_tokens),
+        run_engine(engine, jobs, args.clients, args.max_tokens, "loraplex"),
+    ]
+    engine.shutdown()
+    base, naive, ours = results
+    print(f"\n{args.clients} clients over {args.adapters} adapters, {args.max_tokens} new tokens, "
+          f"{args.quantization} base {base_dir}")
+    print(f"{'mode':<22}{'requests':>9}{'tokens/s':>10}{'p50 s':>8}{'p99 s':>8}")
+    for r in results:
+        print(f"{r['mode']:<22}{r['requests']:>9}{r['tokens_per_s']:>10.1f}{r['p50_s']:>8.2f}{r['p99_s']:>8.2f}")
+    ratios = {"loraplex_vs_naive": ours["tokens_per_s"] / naive["tokens_per_s"],
+              "loraplex_vs_base": ours["tokens_per_s"] / base["tokens_per_s"]}
+    print(f"\nloraplex / naive = {ratios['loraplex_vs_naive']:.1f}x   loraplex / base = {ratios['loraplex_vs_base']:.0%}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()},
+                                    "results": results, "ratios": ratios}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,340 @@
+"""Ray Serve application: a Router ingress (gRPC + OpenAI HTTP) in front of multiplexed ModelServers.
+
+    client --gRPC :9000 (metadata multiplexed_model_id)--> Router --handle.options(multiplexed_model_id)--> ModelServer
+    client --HTTP :8000 (/v1/..., body "model")---------/                                                  (Engine)
+
+Ray routes a request to a ModelServer replica that already holds its adapter when one exists
+(`@serve.multiplexed`), so a replica's adapter slots stay warm for the tenants it serves.
+"""
+
+
+import asyncio
+import json
+import os
+import time
+from dataclasses import asdict, fields
+from typing import Any
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from loraplex.protos import ensure_stubs
+
+ensure_stubs()
+from loraplex.v1 import loraplex_pb2 as pb  # noqa: E402
+
+from serving.engine.engine import EngineConfig  # noqa: E402
+from serving.errors import InvalidRequest, classify  # noqa: E402
+from serving.requests import (  # noqa: E402
+    BASE_MODEL_ID, ChatCompletionBody, CompletionBody, GenerateCall, adapter_from_model, call_from_proto,
+)
+
+MAX_MULTIPLEXED = int(os.environ.get("LORAPLEX_MAX_LORAS", "8"))  # Ray fixes this when the class is defined
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The original error behind Ray's RayTaskError wrapper."""
+    return getattr(exc, "cause", None) or exc
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256, graceful_shutdown_timeout_s=60)
+class ModelServer:
+    """One engine per replica: the NF4 base once, adapters in slots."""
+
+    def __init__(self, engine_config: dict) -> None:
+        from serving.engine.engine import Engine
+        from serving.metrics import ServingMetrics
+
+        self.engine = Engine(EngineConfig(**engine_config), metrics=ServingMetrics("ray"))
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+
+    @serve.multiplexed(max_num_models_per_replica=MAX_MULTIPLEXED)
+    async def get_adapter(self, adapter_id: str) -> str:
+        """Tells Ray this replica holds the adapter (routing affinity); the store keeps the weights."""
+        lease = await asyncio.to_thread(self.engine.store.acquire, adapter_id)
+        self.engine.store.release(lease)
+        return adapter_id
+
+    async def _submit(self, call: GenerateCall):
+        from serving.engine.sampling import SamplingParams
+
+        adapter_id = serve.get_multiplexed_model_id()
+        if adapter_id:
+            await self.get_adapter(adapter_id)
+        prompt = call["prompt"]
+        if call["messages"]:
+            prompt = self.engine.tokenizer.apply_chat_template(call["messages"], tokenize=False,
+                                                               add_generation_prompt=True)
+        try:
+            params = SamplingParams(**call["params"])
+        except TypeError as exc:
+            raise InvalidRequest(str(exc)) from None
+        return adapter_id, self.engine.submit(prompt or "", adapter_id, params, request_id=call["request_id"])
+
+    def _final(self, adapter_id: str, request_id: str, text: str, event) -> dict:
+        if event.error is not None:
+            raise event.error
+        return {"text": text, "finish_reason": event.finish_reason, "prompt_tokens": event.prompt_tokens,
+                "completion_tokens": event.completion_tokens, "request_id": request_id,
+                "adapter_id": adapter_id, "replica_id": self.replica_id, "final": True}
+
+    async def generate(self, call: GenerateCall) -> dict:
+        adapter_id, stream = await self._submit(call)
+        parts = []
+        try:
+            async for event in stream:
+                parts.append(event.text)
+        except asyncio.CancelledError:
+            stream.cancel()
+            raise
+        return self._final(adapter_id, call["request_id"], "".join(parts), event)
+
+    async def generate_stream(self, call: GenerateCall):
+        adapter_id, stream = await self._submit(call)
+        try:
+            async for event in stream:
+                if event.final:
+                    yield self._final(adapter_id, call["request_id"], "", event)
+                elif event.text:
+                    yield {"text": event.text, "final": False, "request_id": call["request_id"],
+                           "adapter_id": adapter_id, "replica_id": self.replica_id}
+        except (asyncio.CancelledError, GeneratorExit):
+            stream.cancel()
+            raise
+
+    async def list_adapters(self) -> dict:
+        store = self.engine.store
+        resident = store.resident()
+        ids = sorted(set(store.available()) | set(resident))
+        return {
+            "adapters": [{"adapter_id": i, "resident": i in resident, "pinned": i in store.pinned,
+                          "rank": resident[i].rank if i in resident else 0} for i in ids],
+            "base_model": str(self.engine.base_dir), "base_fingerprint": self.engine.base_fingerprint,
+            "replica_id": self.replica_id,
+        }
+
+    async def load_adapter(self, adapter_id: str) -> dict:
+        await self.get_adapter(adapter_id)
+        return self._info(adapter_id)
+
+    async def unload_adapter(self, adapter_id: str) -> bool:
+        return await asyncio.to_thread(self.engine.store.unload, adapter_id)
+
+    async def pin_adapter(self, adapter_id: str, pinned: bool) -> dict:
+        await asyncio.to_thread(self.engine.store.pin, adapter_id, pinned)
+        return self._info(adapter_id)
+
+    def _info(self, adapter_id: str) -> dict:
+        lease = self.engine.store.resident().get(adapter_id)
+        return {"adapter_id": adapter_id, "resident": lease is not None,
+                "pinned": adapter_id in self.engine.store.pinned, "rank": lease.rank if lease else 0}
+
+    def stats(self) -> dict:
+        return {**self.engine.stats(), "replica_id": self.replica_id}
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown(drain=True, timeout=30)
+
+
+# Everything the routes call is defined before the Router: `@serve.ingress` captures the
+# module's globals when the class is decorated.
+http_app = FastAPI(title="loraplex", description="OpenAI-compatible completions over tenant LoRA adapters")
+
+
+def _openai_error(exc: BaseException) -> JSONResponse:
+    _, status, kind = classify(exc)
+    return JSONResponse(status_code=status, content={"error": {
+        "message": str(exc), "type": kind, "code": status, "param": None}})
+
+
+@http_app.exception_handler(RequestValidationError)
+async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+    reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.errors())
+    return _openai_error(InvalidRequest(reasons or "invalid request body"))
+
+
+def _openai_response(model: str, result: dict, chat: bool) -> dict:
+    usage = {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
+             "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": result["text"]},
+                  "finish_reason": _finish(result["finish_reason"])}
+    else:
+        choice = {"index": 0, "text": result["text"], "logprobs": None, "finish_reason": _finish(result["finish_reason"])}
+    return {"id": result["request_id"], "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": [choice], "usage": usage,
+            "system_fingerprint": result["replica_id"]}
+
+
+def _finish(reason: str) -> str | None:
+    return {"stop": "stop", "length": "length"}.get(reason, reason or None)
+
+
+async def _sse(model: str, first: dict, chunks, chat: bool):
+    def event(chunk: dict) -> str:
+        finish = _finish(chunk["finish_reason"]) if chunk["final"] else None
+        if chat:
+            delta = {} if chunk["final"] else {"role": "assistant", "content": chunk["text"]}
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": chunk["text"], "logprobs": None, "finish_reason": finish}
+        payload = {"id": chunk["request_id"], "object": "chat.completion.chunk" if chat else "text_completion",
+                   "created": int(time.time()), "model": model, "choices": [choice],
+                   "system_fingerprint": chunk["replica_id"]}
+        return f"data: {json.dumps(payload)}\n\n"
+
+    try:
+        yield event(first)
+        if not first["final"]:
+            async for chunk in chunks:
+                yield event(chunk)
+    except Exception as exc:  # headers are sent: report in band, as OpenAI does
+        _, status, kind = classify(_cause(exc))
+        yield f"data: {json.dumps({'error': {'message': str(_cause(exc)), 'type': kind, 'code': status}})}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=512)
+@serve.ingress(http_app)
+class Router:
+    """Both surfaces: gRPC methods named after the RPCs, and the FastAPI routes below."""
+
+    def __init__(self, model_server: DeploymentHandle, metrics_port: int | None = None) -> None:
+        self.model = model_server
+        self.metrics_port = metrics_port
+
+    def _to(self, adapter_id: str, stream: bool = False):
+        return self.model.options(multiplexed_model_id=adapter_id, stream=stream)
+
+    # -- gRPC ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _grpc_fail(grpc_context, exc: BaseException) -> None:
+        code, _, _ = classify(exc)
+        grpc_context.set_code(getattr(grpc.StatusCode, code))
+        grpc_context.set_details(str(exc))
+
+    async def Generate(self, request, grpc_context):  # noqa: N802 (RPC name)
+        try:
+            call = call_from_proto(request)
+            result = await self._to(serve.get_multiplexed_model_id()).generate.remote(call)
+        except Exception as exc:
+            self._grpc_fail(grpc_context, _cause(exc))
+            return pb.GenerateResponse()
+        return pb.GenerateResponse(**{k: result[k] for k in (
+            "text", "finish_reason", "prompt_tokens", "completion_tokens", "request_id", "adapter_id", "replica_id")})
+
+    async def GenerateStream(self, request, grpc_context):  # noqa: N802
+        try:
+            call = call_from_proto(request)
+            async for chunk in self._to(serve.get_multiplexed_model_id(), stream=True).generate_stream.remote(call):
+                chunk.pop("final")
+                yield pb.GenerateResponse(**chunk)
+        except Exception as exc:
+            self._grpc_fail(grpc_context, _cause(exc))
+            raise  # in a stream the status only reaches the client with a raise
+
+    async def ListAdapters(self, request, grpc_context):  # noqa: N802
+        listing = await self.model.list_adapters.remote()
+        return pb.ListAdaptersResponse(
+            adapters=[pb.AdapterInfo(**a) for a in listing["adapters"]],
+            base_model=listing["base_model"], base_fingerprint=listing["base_fingerprint"])
+
+    async def LoadAdapter(self, request, grpc_context):  # noqa: N802
+        try:
+            info = await self._to(request.adapter_id).load_adapter.remote(request.adapter_id)
+        except Exception as exc:
+            self._grpc_fail(grpc_context, _cause(exc))
+            return pb.LoadAdapterResponse()
+        return pb.LoadAdapterResponse(adapter=pb.AdapterInfo(**info))
+
+    async def UnloadAdapter(self, request, grpc_context):  # noqa: N802
+        try:
+            was = await self._to(request.adapter_id).unload_adapter.remote(request.adapter_id)
+        except Exception as exc:
+            self._grpc_fail(grpc_context, _cause(exc))
+            return pb.UnloadAdapterResponse()
+        return pb.UnloadAdapterResponse(was_resident=was)
+
+    async def PinAdapter(self, request, grpc_context):  # noqa: N802
+        try:
+            info = await self._to(request.adapter_id).pin_adapter.remote(request.adapter_id, request.pinned)
+        except Exception as exc:
+            self._grpc_fail(grpc_context, _cause(exc))
+            return pb.PinAdapterResponse()
+        return pb.PinAdapterResponse(adapter=pb.AdapterInfo(**info))
+
+    # -- OpenAI-compatible HTTP ------------------------------------------------------------------
+
+    @http_app.get("/v1/models")
+    async def models(self) -> dict:
+        listing = await self.model.list_adapters.remote()
+        now = int(time.time())
+        entries = [{"id": BASE_MODEL_ID, "object": "model", "created": now, "owned_by": "loraplex",
+                    "root": listing["base_model"]}]
+        entries += [{"id": a["adapter_id"], "object": "model", "created": now, "owned_by": "loraplex",
+                     "parent": BASE_MODEL_ID} for a in listing["adapters"]]
+        return {"object": "list", "data": entries}
+
+    @http_app.post("/v1/completions")
+    async def completions(self, body: CompletionBody):
+        return await self._openai(body, chat=False)
+
+    @http_app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionBody):
+        return await self._openai(body, chat=True)
+
+    @http_app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @http_app.get("/metrics")
+    async def metrics(self) -> PlainTextResponse:
+        """The loraplex_* series from this node's Ray metrics exporter (scrape that port in a cluster)."""
+        if not self.metrics_port:
+            return PlainTextResponse("metrics export port not configured\n", status_code=404)
+        import urllib.request
+
+        raw = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read())
+        lines = [line for line in raw.decode().splitlines() if "loraplex_" in line]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    async def _openai(self, body, chat: bool):
+        try:
+            call = body.call()
+            adapter_id = adapter_from_model(body.model)
+            if not body.stream:
+                result = await self._to(adapter_id).generate.remote(call)
+                return _openai_response(body.model or BASE_MODEL_ID, result, chat)
+            chunks = self._to(adapter_id, stream=True).generate_stream.remote(call)
+            first = await chunks.__anext__()  # errors before any output still get a proper status
+        except Exception as exc:
+            return _openai_error(_cause(exc))
+        return StreamingResponse(_sse(body.model or BASE_MODEL_ID, first, chunks, chat),
+                                 media_type="text/event-stream")
+
+
+def build_app(args: dict | None = None):
+    """Serve app builder (`import_path: serving.app:build_app`); args are EngineConfig fields plus
+    `replicas` and `metrics_port`."""
+    args = dict(args or {})
+    replicas = int(args.pop("replicas", 1))
+    metrics_port = args.pop("metrics_port", None)
+    known = {f.name for f in fields(EngineConfig)}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"unknown app args: {', '.join(unknown)}")
+    if args.get("adapters") is None:  # relative paths would depend on the replica's cwd
+        from training.demo import ADAPTERS_DIR
+
+        args["adapters"] = str(ADAPTERS_DIR)
+    engine_config = asdict(EngineConfig(**args))
+    server = ModelServer.options(num_replicas=replicas).bind(engine_config)
+    return Router.bind(server, metrics_port)

@@ -1,0 +1,278 @@
+"""The adapter store: `<root>/<adapter_id>/` folders, validated, loaded lazily into LRU slots.
+
+Lifecycle: an ID resolves to a folder inside the root; its files are validated before any
+weight is read; the weights go into a free slot (evicting the least recently used unpinned,
+idle adapter). A folder whose files change on disk is a new version: new requests get a new
+slot while requests in flight finish on the old one, which is freed when its last user leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training.adapter_id import validate_adapter_id
+from serving.errors import AdapterNotFound, AdapterRejected, NoFreeSlot
+from training.errors import LoraplexError
+from training.manifest import MANIFEST_NAME
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+@dataclass
+class SlotLease:
+    """One version of one adapter, resident in one slot; requests hold it while they run."""
+
+    adapter_id: str
+    slot: int
+    version: tuple
+    rank: int
+    users: int = 0
+    loaded_at: float = field(default_factory=time.time)
+
+
+class AdapterStore:
+    def __init__(self, root: str | Path, slots, base_fingerprint: str, max_rank: int,
+                 max_adapter_bytes: int = 1 << 30, metrics=None) -> None:
+        """slots: an object with `n_slots`, `module_shapes` ({name: (d_in, d_out)}),
+        `load_slot(slot, weights, scaling)` and `clear_slot(slot)`; slot 0 is the bare base."""
+        self.root = Path(root).resolve()
+        self.slots = slots
+        self.base_fingerprint = base_fingerprint
+        self.max_rank = max_rank
+        self.max_adapter_bytes = max_adapter_bytes
+        self.metrics = metrics
+        self._lock = threading.RLock()
+        self._current: OrderedDict[str, SlotLease] = OrderedDict()  # LRU order, newest last
+        self._retired: list[SlotLease] = []  # old versions still in use
+        self._free = list(range(slots.n_slots - 1, 0, -1))
+        self.pinned: set[str] = set()
+
+    # -- resolving and validating ------------------------------------------------------------
+
+    def folder(self, adapter_id: str) -> Path:
+        """The adapter's folder, guaranteed inside the root (no traversal, no symlink escape)."""
+        validate_adapter_id(adapter_id)
+        path = self.root / adapter_id
+        if not path.exists():
+            raise AdapterNotFound(f"adapter '{adapter_id}' not found in the store")
+        resolved = path.resolve()
+        if resolved.parent != self.root:
+            raise AdapterRejected(f"adapter '{adapter_id}' resolves outside the store root")
+        return resolved
+
+    def _version(self, folder: Path) -> tuple:
+        try:
+            stats = [(folder / f).stat() for f in (*ADAPTER_FILES, MANIFEST_NAME)]
+        except FileNotFoundError as exc:
+            raise AdapterRejected(f"adapter folder {folder.name} is missing {Path(exc.filename).name}") from None
+        # inode + ctime catch a replaced folder even when sizes and copied mtimes are equal
+        return tuple((s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for s in stats)
+
+    def validate(self, adapter_id: str) -> tuple[Path, dict, dict]:
+        """Check an adapter before any weight is read: files, manifest, config. Returns its config."""
+        folder = self.folder(adapter_id)
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise AdapterRejected(f"adapter '{adapter_id}' contains pickle files ({', '.join(pickles)}); "
+                                  "only safetensors are loaded")
+        for name in (*ADAPTER_FILES, MANIFEST_NAME):
+            path = folder / name
+            if not path.is_file() or path.is_symlink() and path.resolve().parent != folder:
+                raise AdapterRejected(f"adapter '{adapter_id}' is missing {name}")
+        weights = folder / "adapter_model.safetensors"
+        if weights.stat().st_size > self.max_adapter_bytes:
+            raise AdapterRejected(f"adapter '{adapter_id}' is larger than {self.max_adapter_bytes} bytes")
+        manifest = _read_json(folder / MANIFEST_NAME, adapter_id)
+        if manifest.get("base_fingerprint") != self.base_fingerprint:
+            raise AdapterRejected(f"adapter '{adapter_id}' was trained on another base "
+                                  f"({str(manifest.get('base_fingerprint'))[:19]}...)")
+        config = _read_json(folder / "adapter_config.json", adapter_id)
+        _check_lora_config(adapter_id, config, self.max_rank)
+        return folder, config, manifest
+
+    def _read_weights(self, adapter_id: str, folder: Path, config: dict) -> dict[str, tuple]:
+        """{module path: (A, B)} after checking each tensor's module exists and shapes fit."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(folder / "adapter_model.safetensors"))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise AdapterRejected(f"adapter '{adapter_id}' weights are unreadable: {exc}") from None
+        pairs: dict[str, dict] = {}
+        for key, tensor in tensors.items():
+            module, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
+            if part not in ("A.weight", "B.weight"):
+                raise AdapterRejected(f"adapter '{adapter_id}' has an unsupported tensor {key}")
+            pairs.setdefault(module, {})[part[0]] = tensor
+        shapes = self.slots.module_shapes
+        rank = int(config["r"])
+        for module, ab in pairs.items():
+            if module not in shapes:
+                raise AdapterRejected(f"adapter '{adapter_id}' targets {module}, which the base does not have")
+            d_in, d_out = shapes[module]
+            if set(ab) != {"A", "B"} or ab["A"].shape != (rank, d_in) or ab["B"].shape != (d_out, rank):
+                raise AdapterRejected(f"adapter '{adapter_id}' has wrong shapes for {module}")
+            if not all(bool(t.isfinite().all()) for t in ab.values()):
+                raise AdapterRejected(f"adapter '{adapter_id}' has non-finite weights in {module}")
+        if not pairs:
+            raise AdapterRejected(f"adapter '{adapter_id}' has no LoRA weights")
+        return {m: (ab["A"], ab["B"]) for m, ab in pairs.items()}
+
+    # -- residency ---------------------------------------------------------------------------
+
+    def acquire(self, adapter_id: str) -> SlotLease:
+        """A lease on the newest version of the adapter, loading it if needed. Caller must release."""
+        with self._lock:
+            lease = self._current.get(adapter_id)
+            folder = self.folder(adapter_id) if lease is None else self.root / adapter_id
+            if lease is not None and folder.is_dir():
+                try:
+                    changed = self._version(folder) != lease.version
+                except AdapterRejected:  # mid-replacement on disk: keep serving what we have
+                    changed = False
+                if changed:
+                    self._retire(lease)
+                    lease = None
+            if lease is None:
+                lease = self._load(adapter_id)
+            self._current.move_to_end(adapter_id)
+            lease.users += 1
+            return lease
+
+    def release(self, lease: SlotLease) -> None:
+        with self._lock:
+            lease.users -= 1
+            if lease in self._retired and lease.users == 0:
+                self._retired.remove(lease)
+                self._free_slot(lease.slot)
+
+    def _load(self, adapter_id: str) -> SlotLease:
+        started = time.perf_counter()
+        folder, config, _ = self.validate(adapter_id)
+        version = self._version(folder)
+        weights = self._read_weights(adapter_id, folder, config)
+        slot = self._take_slot()
+        rank = int(config["r"])
+        scaling = config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)
+        try:
+            self.slots.load_slot(slot, weights, scaling)
+        except Exception:
+            self._free_slot(slot)
+            raise
+        lease = SlotLease(adapter_id, slot, version, rank)
+        self._current[adapter_id] = lease
+        if self.metrics:
+            self.metrics.adapter_loaded(adapter_id, time.perf_counter() - started, len(self._current))
+        return lease
+
+    def _take_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        for adapter_id, lease in self._current.items():  # oldest first
+            if adapter_id not in self.pinned and lease.users == 0:
+                self._evict(adapter_id)
+                return self._free.pop()
+        raise NoFreeSlot("every adapter slot is pinned or in use; try again shortly")
+
+    def _evict(self, adapter_id: str) -> None:
+        lease = self._current.pop(adapter_id)
+        if lease.users:
+            self._retired.append(lease)
+        else:
+            self._free_slot(lease.slot)
+        if self.metrics:
+            self.metrics.adapter_evicted(adapter_id, len(self._current))
+
+    def _retire(self, lease: SlotLease) -> None:
+        del self._current[lease.adapter_id]
+        if lease.users:
+            self._retired.append(lease)
+        else:
+            self._free_slot(lease.slot)
+
+    def _free_slot(self, slot: int) -> None:
+        self.slots.clear_slot(slot)
+        self._free.append(slot)
+
+    # -- admin -------------------------------------------------------------------------------
+
+    def unload(self, adapter_id: str) -> bool:
+        """Drop the adapter from memory (requests in flight finish first). True if it was resident."""
+        validate_adapter_id(adapter_id)
+        with self._lock:
+            self.pinned.discard(adapter_id)
+            if adapter_id not in self._current:
+                return False
+            self._evict(adapter_id)
+            return True
+
+    def pin(self, adapter_id: str, pinned: bool = True) -> SlotLease | None:
+        """Pinned adapters are loaded now and never evicted by LRU."""
+        with self._lock:
+            if not pinned:
+                self.pinned.discard(validate_adapter_id(adapter_id))
+                return self._current.get(adapter_id)
+            lease = self.acquire(adapter_id)
+            self.pinned.add(adapter_id)
+            self.release(lease)
+            return lease
+
+    def resident(self) -> dict[str, SlotLease]:
+        with self._lock:
+            return dict(self._current)
+
+    def available(self) -> list[str]:
+        """IDs of the adapter folders in the store (not validated)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and not p.name.startswith(".") and _safe(p.name))
+
+
+def _safe(name: str) -> bool:
+    try:
+        validate_adapter_id(name)
+        return True
+    except LoraplexError:
+        return False
+
+
+def _read_json(path: Path, adapter_id: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterRejected(f"adapter '{adapter_id}': {path.name} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise AdapterRejected(f"adapter '{adapter_id}': {path.name} is not a JSON object")
+    return data
+
+
+def _check_lora_config(adapter_id: str, config: dict, max_rank: int) -> None:
+    def reject(reason: str):
+        raise AdapterRejected(f"adapter '{adapter_id}': {reason}")
+
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        reject(f"peft_type {config.get('peft_type')} is not LORA")
+    rank = config.get("r")
+    if not isinstance(rank, int) or rank <= 0:
+        reject("adapter_config.json has no positive integer rank 'r'")
+    if rank > max_rank:
+        reject(f"rank {rank} is above this server's maximum of {max_rank}")
+    if not isinstance(config.get("lora_alpha"), (int, float)) or config["lora_alpha"] <= 0:
+        reject("lora_alpha must be a positive number")
+    for key, why in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out"),
+                     ("modules_to_save", "modules_to_save"), ("rank_pattern", "per-module ranks"),
+                     ("alpha_pattern", "per-module alphas")):
+        if config.get(key):
+            reject(f"{why} is not supported by the batched LoRA engine")
+    if config.get("bias", "none") != "none":
+        reject("LoRA bias terms are not supported")
+

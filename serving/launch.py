@@ -1,0 +1,83 @@
+"""`loraplex serve`: start Ray, Serve's HTTP and gRPC proxies and the app, in the foreground.
+
+SIGINT/SIGTERM shut Serve down, which drains requests in flight (graceful_shutdown_timeout_s).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from dataclasses import dataclass, field, fields
+
+from serving.engine.engine import EngineConfig
+
+APP_NAME = "loraplex"
+
+
+@dataclass(frozen=True)
+class ServeOptions(EngineConfig):
+    host: str = field(default="127.0.0.1", metadata={"help": "HTTP bind address (gRPC binds all interfaces)"})
+    http_port: int = field(default=8000, metadata={"help": "OpenAI-compatible HTTP port"})
+    grpc_port: int = field(default=9000, metadata={"help": "gRPC port (Ray Serve's gRPC proxy)"})
+    metrics_port: int = field(default=8080, metadata={"help": "Ray's Prometheus exporter port on this node"})
+    replicas: int = field(default=1, metadata={"help": "ModelServer replicas"})
+    num_cpus: int | None = field(default=None, metadata={"help": "CPUs Ray may use; default: all"})
+
+
+def engine_args(options: ServeOptions) -> dict:
+    """The app builder's args: EngineConfig fields (adapters defaulting to the demo store)."""
+    args = {f.name: getattr(options, f.name) for f in fields(EngineConfig)}
+    if args["adapters"] is None:
+        from training.demo import ADAPTERS_DIR, ensure_demo_adapters
+
+        ensure_demo_adapters()  # trained on first use; committed in the repo
+        args["adapters"] = str(ADAPTERS_DIR)
+    return args
+
+
+def start(options: ServeOptions) -> None:
+    """Start Ray (if needed), Serve and the app; returns once the app is running."""
+    import ray
+    from ray import serve
+    from ray.serve.config import HTTPOptions, gRPCOptions
+
+    from serving.app import build_app
+    from serving.grpc_servicer import SERVICER_FUNCTION
+
+    args = engine_args(options)
+    if not ray.is_initialized():
+        ray.init(num_cpus=options.num_cpus, include_dashboard=False, _metrics_export_port=options.metrics_port,
+                 log_to_driver=False)
+    serve.start(
+        http_options=HTTPOptions(host=options.host, port=options.http_port),
+        grpc_options=gRPCOptions(port=options.grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION]),
+    )
+    serve.run(build_app({**args, "replicas": options.replicas, "metrics_port": options.metrics_port}),
+              name=APP_NAME, route_prefix="/")
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def serve_forever(options: ServeOptions) -> int:
+    started = time.time()
+    start(options)
+    print(f"loraplex serving {options.base_model or 'the embedded base'} in {time.time() - started:.1f}s\n"
+          f"  HTTP  http://{options.host}:{options.http_port}/v1  (OpenAI-compatible; model = adapter ID)\n"
+          f"  gRPC  {options.host}:{options.grpc_port}  loraplex.v1.LoraplexService (metadata multiplexed_model_id)\n"
+          f"  metrics http://{options.host}:{options.http_port}/metrics  (Ray exporter :{options.metrics_port})\n"
+          "Ctrl-C or SIGTERM drains and stops.", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    print("draining requests in flight and stopping ...", flush=True)
+    stop()
+    return 0
+

@@ -1,0 +1,223 @@
+"""The engine on the real embedded base in NF4 with real adapters: batching, store, errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from serving.engine.engine import Engine, EngineConfig
+from serving.engine.sampling import SamplingParams
+from serving.errors import AdapterNotFound, AdapterRejected, InvalidRequest, QueueFull
+from training.random_adapter import make_random_adapter
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0)
+PROMPTS = [
+    "Repeat after me: alice paris\n", "What number comes after 41?\n", "Write a sentence about the red cat:\n",
+    "Reformat for Europe: 2022-09-18\n", "Ticket: my invoice is wrong\nQueue:\n", "Quote each word: tokyo\n",
+]
+
+
+@pytest.fixture(scope="module")
+def adapter_source(embedded_base, tmp_path_factory) -> Path:
+    """Random adapters made once; tests copy them into their own stores."""
+    root = tmp_path_factory.mktemp("adapter_source")
+    for i in range(4):
+        make_random_adapter(embedded_base, root / f"rand-{i}", seed=i, rank=8, std=0.05)
+    make_random_adapter(embedded_base, root / "rand-v2", seed=99, rank=8, std=0.05)
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine(embedded_base, adapter_source, tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    for i in range(4):
+        shutil.copytree(adapter_source / f"rand-{i}", store / f"rand-{i}")
+    eng = Engine(EngineConfig(base_model=str(embedded_base), adapters=str(store), max_batch=16, max_loras=4))
+    yield eng
+    eng.shutdown()
+
+
+def solo(engine, prompt, adapter, params=GREEDY) -> str:
+    return engine.submit(prompt, adapter, params).result(120)[0]
+
+
+def test_mixed_batch_gives_the_same_greedy_output_as_solo_runs(engine):
+    adapters = ["", "rand-0", "rand-1", "rand-2", "rand-3"]
+    alone = {(a, p): solo(engine, p, a) for a in adapters for p in PROMPTS}
+    assert len(set(alone.values())) > len(PROMPTS)  # adapters really change the outputs
+    streams = {(a, p): engine.submit(p, a, GREEDY) for p in PROMPTS for a in adapters}
+    together = {key: s.result(120)[0] for key, s in streams.items()}
+    assert together == alone
+
+
+def test_engine_matches_plain_peft_generate(engine, embedded_base, adapter_source):
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from training.evaluate import greedy_completions
+    from training.quant import load_nf4_base
+
+    tokenizer = AutoTokenizer.from_pretrained(str(embedded_base))
+    peft_model = PeftModel.from_pretrained(load_nf4_base(embedded_base), str(adapter_source / "rand-1"))
+    reference = greedy_completions(peft_model, tokenizer, PROMPTS, 12, batch_size=1)
+    ours = [solo(engine, p, "rand-1") for p in PROMPTS]
+    agree = sum(a == b for a, b in zip(ours, reference))
+    assert agree >= len(PROMPTS) - 1, list(zip(ours, reference))
+
+
+def test_streaming_chunks_add_up_to_the_unary_text(engine):
+    stream = engine.submit(PROMPTS[2], "rand-2", SamplingParams(max_tokens=20, temperature=0))
+    events = list(stream)
+    assert events[-1].final and events[-1].finish_reason in ("stop", "length")
+    assert all(not e.final for e in events[:-1]) and len(events) > 2
+    assert "".join(e.text for e in events) == solo(engine, PROMPTS[2], "rand-2", SamplingParams(max_tokens=20, temperature=0))
+    assert events[-1].completion_tokens > 0 and events[-1].prompt_tokens > 0
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    assert solo(engine, PROMPTS[0], "rand-0", params) == solo(engine, PROMPTS[0], "rand-0", params)
+
+
+def test_stop_strings_end_the_output(engine):
+    full = solo(engine, PROMPTS[2], "", SamplingParams(max_tokens=20, temperature=0))
+    stop = full.split()[1]
+    text, final = engine.submit(PROMPTS[2], "", SamplingParams(max_tokens=20, temperature=0, stop=(stop,))).result(60)
+    assert stop not in text and full.startswith(text) and final.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("params, prompt, reason", [
+    (SamplingParams(max_tokens=0), "hi", "max_tokens"),
+    (SamplingParams(max_tokens=4, temperature=-1), "hi", "temperature"),
+    (SamplingParams(max_tokens=4, top_p=0), "hi", "top_p"),
+    (SamplingParams(max_tokens=4), "", "empty"),
+    (SamplingParams(max_tokens=250), "word " * 40, "exceeds the context"),
+])
+def test_invalid_requests_are_refused_with_the_reason(engine, params, prompt, reason):
+    with pytest.raises(InvalidRequest, match=reason):
+        engine.submit(prompt, "", params)
+
+
+def test_unknown_and_unsafe_adapter_ids(engine):
+    with pytest.raises(AdapterNotFound):
+        engine.submit(PROMPTS[0], "nobody", GREEDY).result(30)
+    with pytest.raises(Exception, match="safe name|'..'"):
+        engine.submit(PROMPTS[0], "../rand-0", GREEDY)
+
+
+def test_cancel_frees_the_batch_row_within_one_decode_step(engine):
+    stream = engine.submit(PROMPTS[2], "rand-0", SamplingParams(max_tokens=200, temperature=0))
+    next(iter(stream))  # the request is running
+    before = engine.stats()
+    assert before["running"] == 1
+    stream.cancel()
+    final = list(stream)[-1]
+    after = engine.stats()
+    assert final.finish_reason == "cancelled"
+    assert after["running"] == 0 and after["free_rows"] == engine.config.max_batch
+    assert after["steps"] - before["steps"] <= 1
+
+
+def test_lru_eviction_and_pinning(embedded_base, adapter_source, tmp_path):
+    from serving.metrics import ServingMetrics
+
+    for i in range(4):
+        shutil.copytree(adapter_source / f"rand-{i}", tmp_path / f"rand-{i}")
+    metrics = ServingMetrics()
+    eng = Engine(EngineConfig(base_model=str(embedded_base), adapters=str(tmp_path), max_batch=4, max_loras=2),
+                 metrics=metrics)
+    try:
+        eng.store.pin("rand-0")
+        for adapter in ("rand-1", "rand-2", "rand-3", "rand-1"):
+            solo(eng, PROMPTS[0], adapter)
+        resident = eng.store.resident()
+        assert "rand-0" in resident and len(resident) <= 3  # max_loras + 1 swap slot
+        text = metrics.text().decode()
+        assert 'loraplex_adapter_evictions_total{adapter="rand-1"}' in text
+        assert 'loraplex_adapter_evictions_total{adapter="rand-0"}' not in text
+        assert eng.store.unload("rand-0") and "rand-0" not in eng.store.resident()
+    finally:
+        eng.shutdown()
+
+
+def test_bad_adapters_are_refused_and_others_keep_serving(engine, adapter_source, tmp_path_factory, embedded_base):
+    root = Path(engine.store.root)
+    outside = tmp_path_factory.mktemp("outside")
+    shutil.copytree(adapter_source / "rand-0", outside / "evil")
+    cases = {}
+    cases["pickle"] = shutil.copytree(adapter_source / "rand-0", root / "bad-pickle")
+    (cases["pickle"] / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")
+    cases["truncated"] = shutil.copytree(adapter_source / "rand-0", root / "bad-truncated")
+    weights = cases["truncated"] / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    make_random_adapter(embedded_base, root / "bad-rank", seed=5, rank=128)
+    cases["other-base"] = shutil.copytree(adapter_source / "rand-0", root / "bad-base")
+    manifest = cases["other-base"] / "loraplex.json"
+    manifest.write_text(manifest.read_text().replace("sha256:", "sha256:0000"))
+    os.symlink(outside / "evil", root / "bad-symlink")
+    for adapter in ("bad-pickle", "bad-truncated", "bad-rank", "bad-base", "bad-symlink"):
+        with pytest.raises(AdapterRejected):
+            engine.submit(PROMPTS[0], adapter, GREEDY).result(30)
+    assert solo(engine, PROMPTS[0], "rand-3")  # the others are untouched
+
+
+def test_adapter_copied_in_after_start_is_served(engine, adapter_source):
+    root = Path(engine.store.root)
+    staging = root / ".staging-late"
+    shutil.copytree(adapter_source / "rand-v2", staging)
+    staging.rename(root / "late-arrival")
+    assert solo(engine, PROMPTS[1], "late-arrival")
+
+
+def test_hot_swap_under_load_fails_nothing_and_switches_versions(engine, adapter_source):
+    root = Path(engine.store.root)
+    shutil.copytree(adapter_source / "rand-1", root / "swapme")
+    old = solo(engine, PROMPTS[3], "swapme")
+    shutil.copytree(adapter_source / "rand-v2", root / ".swap-stage")
+    new_expected = None
+    results, errors, stop = [], [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            submitted = time.monotonic()
+            try:
+                results.append((submitted, solo(engine, PROMPTS[3], "swapme")))
+            except Exception as exc:  # any failure breaks the bar
+                errors.append(exc)
+
+    workers = [threading.Thread(target=client) for _ in range(4)]
+    for w in workers:
+        w.start()
+    time.sleep(1.0)
+    before_switch = time.monotonic()
+    (root / "swapme").rename(root / ".swap-old")
+    (root / ".swap-stage").rename(root / "swapme")
+    switched = time.monotonic()
+    time.sleep(1.5)
+    stop.set()
+    for w in workers:
+        w.join(60)
+    new_expected = solo(engine, PROMPTS[3], "swapme")
+    assert not errors
+    assert new_expected != old
+    after = [text for t, text in results if t > switched]
+    assert after and all(text == new_expected for text in after)
+    assert {text for t, text in results if t < before_switch} == {old}
+
+
+def test_full_queue_is_refused(embedded_base, tmp_path):
+    eng = Engine(EngineConfig(base_model=str(embedded_base), adapters=str(tmp_path), max_batch=1, max_queue=2))
+    try:
+        streams = []
+        with pytest.raises(QueueFull):
+            for _ in range(10):
+                streams.append(eng.submit(PROMPTS[0], "", SamplingParams(max_tokens=50, temperature=0)))
+        for s in streams:
+            s.cancel()
+    finally:
+        eng.shutdown(drain=False)
