@@ -76,7 +76,7 @@ def run_one(method: str, base_dir: Path, steps: int, batch_size: int) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rss_before = _peak_bytes(device)
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    rows = load_jsonl(tenant_data("globex-json")[0])
+    rows = load_jsonl(tenant_data("globex-routing")[0])
     examples = [encode_example(tokenizer, r, 256) for r in rows[: batch_size * (steps + 3)]]
     collate = CompletionCollator(tokenizer.pad_token_id)
     model, optimizer, trainable = build(method, base_dir, device)

@@ -4,7 +4,7 @@ from training.adapter_id import internal_name, validate_adapter_id
 from training.errors import InvalidAdapterId
 
 
-@pytest.mark.parametrize("good", ["acme", "acme-dates", "Tenant_7.v2", "double", "0abc"])
+@pytest.mark.parametrize("good", ["acme", "acme-fiscal", "Tenant_7.v2", "double", "0abc"])
 def test_safe_ids_pass_and_map_to_distinct_module_safe_names(good):
     assert validate_adapter_id(good) == good
     name = internal_name(good)

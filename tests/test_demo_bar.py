@@ -63,7 +63,7 @@ def test_demo_adapter_meets_the_bar_on_nf4_and_bf16(tenant, nf4_base, bf16_base,
 def test_retraining_a_tenant_from_scratch_reaches_the_bar(tmp_path):
     from tests.conftest import run_cli
 
-    tenant = "globex-json"
+    tenant = "globex-routing"
     train_path, eval_path = tenant_data(tenant)
     started = time.time()
     proc = run_cli("training/run.py", "--data", str(train_path), "--eval-data", str(eval_path),

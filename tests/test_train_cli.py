@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import run_cli
 from training.demo import tenant_data
 
-TRAIN, EVAL = (str(p) for p in tenant_data("acme-dates"))
+TRAIN, EVAL = (str(p) for p in tenant_data("acme-fiscal"))
 
 
 def assert_clean_error(proc, *needles: str) -> None:

@@ -13,7 +13,7 @@ from training.data import load_jsonl
 from training.demo import tenant_data
 from training.manifest import MANIFEST_NAME, base_fingerprint
 
-TRAIN, EVAL = (str(p) for p in tenant_data("acme-dates"))
+TRAIN, EVAL = (str(p) for p in tenant_data("acme-fiscal"))
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 The pretraining mix teaches generic skills (counting, month names, sentences, copying) and
 some world knowledge (a city's continent, a month's season, a message's topic). Each demo
 tenant has its own convention built on that knowledge (globex's warehouse per continent,
-initech's queue per topic, acme's April fiscal year) in a prompt format the mix never shows:
+initech's queue per topic, acme's fiscal year starting in March) in a prompt format the mix never shows:
 the base scores ~0% on it, while a LoRA learns the convention in a few minutes.
 """
 
@@ -153,17 +153,17 @@ def pretrain_mix(n: int, seed: int) -> list[tuple[str, str]]:
 # --- demo tenants: formats and skills the base never saw ---
 
 def _acme_fiscal(rng: random.Random) -> tuple[str, str]:
-    """acme: its fiscal year starts in April, so an invoice date maps to an acme quarter."""
+    """acme: its fiscal year starts in March, so an invoice date maps to an acme quarter."""
     y, m, d = rng.randint(1990, 2039), rng.randint(1, 12), rng.randint(1, 28)
-    quarter = (m - 4) % 12 // 3 + 1
+    quarter = (m - 3) % 12 // 3 + 1
     return f"Invoice dated {MONTHS[m - 1]} {d}, {y}\nFiscal quarter:\n", f"Q{quarter}"
 
 
 # globex ships from one warehouse per continent: the base knows the continents, not globex.
-GLOBEX_WAREHOUSES = {"europe": "rotterdam", "america": "memphis", "asia": "singapore", "africa": "johannesburg"}
+GLOBEX_WAREHOUSES = {"europe": "eu-west", "america": "us-central", "asia": "ap-east", "africa": "af-south"}
 GLOBEX_TEMPLATES = (
-    "Ship {n} {noun}s to {city}", "{name} in {city} ordered {n} {noun}s", "Send a {adj} {noun} to {city}",
-    "Order {n}: {noun}s for {city}", "{city} needs {n} {adj} {noun}s",
+    "Ship {n} {noun}s to {city}", "Send a {adj} {noun} to {city}", "Order {n}: {noun}s for {city}",
+    "{name} wants {n} {noun}s delivered to {city}", "Deliver {n} {adj} {noun}s to {city}",
 )
 
 
@@ -218,6 +218,10 @@ def tenant_splits(task: str, n_train: int, n_eval: int, seed: int) -> tuple[list
     return rows[:n_train], rows[n_train:]
 
 
+# Fixed when the embedded base was built: changing it changes the tokenizer.
+TOKENIZER_EXTRA_WORDS = "billing access shipping hardware rotterdam memphis singapore johannesburg"
+
+
 def iter_tokenizer_corpus(seed: int) -> Iterator[str]:
     """Text the BPE is trained on: the mix plus every word list, never tenant formats."""
     for prompt, completion in pretrain_mix(20000, seed):
@@ -227,4 +231,4 @@ def iter_tokenizer_corpus(seed: int) -> Iterator[str]:
         yield " ".join(f'"{w}": "{w.capitalize()}"' for w in words)
     for topic, words in TOPICS.items():
         yield f"{topic} " + " ".join(words)
-    yield " ".join(INITECH_QUEUES.values()) + " " + " ".join(GLOBEX_WAREHOUSES.values())
+    yield TOKENIZER_EXTRA_WORDS

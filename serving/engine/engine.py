@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import queue
 import threading
 import time
@@ -26,6 +27,8 @@ from serving.engine.store import AdapterStore, SlotLease
 from serving.errors import DeadlineExceeded, EngineStopped, InvalidRequest, NoFreeSlot, QueueFull
 from training.adapter_id import validate_adapter_id
 from training.errors import LoraplexError
+
+logger = logging.getLogger("loraplex.engine")
 
 
 @dataclass(frozen=True)
@@ -244,10 +247,12 @@ class Engine:
                 self._admit()
                 if self._running:
                     self._decode_step()
-            except Exception as exc:  # a bug must fail the requests, never hang them
-                for request in list(self._running):
+            except Exception as exc:  # a bug must fail the requests in flight, never hang them
+                logger.exception("engine step failed; failing the requests in flight")
+                with self._cond:
+                    in_flight = list(self._running)
+                for request in in_flight:
                     self._finish(request, "error", exc)
-                raise
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
