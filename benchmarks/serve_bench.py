@@ -43,7 +43,7 @@ def run_engine(engine, jobs: list[tuple[str, str]], clients: int, max_tokens: in
     """`clients` threads, each sending its share of jobs one after another."""
     from serving.engine.sampling import SamplingParams
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)  # same work in every mode
     latencies, tokens, lock = [], [0], threading.Lock()
 
     def client(share):
@@ -89,7 +89,8 @@ def run_naive_peft(base_dir: Path, adapter_dirs: dict[str, Path], jobs, max_toke
         ids = torch.tensor([encode_prompt(tokenizer, prompt)])
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=max_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                                 pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id)
         tokens += out.shape[1] - ids.shape[1]
         latencies.append(time.perf_counter() - t0)

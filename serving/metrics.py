@@ -7,6 +7,8 @@ each node's metrics port (`http://<node>:<metrics-export-port>/metrics`, names p
 
 from __future__ import annotations
 
+import logging
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -41,7 +43,12 @@ class _PrometheusBackend:
     def record(self, name: str, value: float, labels: dict[str, str]) -> None:
         kind = DEFINITIONS[name][0]
         metric = self._metrics[name].labels(**labels) if labels else self._metrics[name]
-        {"counter": metric.inc, "gauge": metric.set, "histogram": metric.observe}[kind](value)
+        if kind == "counter":
+            metric.inc(value)
+        elif kind == "gauge":
+            metric.set(value)
+        else:
+            metric.observe(value)
 
     def text(self) -> bytes:
         import prometheus_client as prom
@@ -64,6 +71,8 @@ class _RayBackend:
 
     def record(self, name: str, value: float, labels: dict[str, str]) -> None:
         kind = DEFINITIONS[name][0]
+        if kind == "counter" and value <= 0:  # Ray counters refuse inc(0)
+            return
         metric = self._metrics[name]
         tags = labels or None
         if kind == "counter":
@@ -77,11 +86,27 @@ class _RayBackend:
         return b""  # Ray serves these on the node's metrics export port
 
 
+class _Guarded:
+    """A failing exporter logs and carries on: metrics must never break a request."""
+
+    def __init__(self, backend) -> None:
+        self._inner = backend
+
+    def record(self, name: str, value: float, labels: dict[str, str]) -> None:
+        try:
+            self._inner.record(name, value, labels)
+        except Exception:
+            logging.getLogger("loraplex.metrics").exception("recording %s failed", name)
+
+    def text(self) -> bytes:
+        return self._inner.text()
+
+
 class ServingMetrics:
     """What the engine reports; one method per event, labels filled in here."""
 
     def __init__(self, backend: str = "prometheus") -> None:
-        self._backend = _RayBackend() if backend == "ray" else _PrometheusBackend()
+        self._backend = _Guarded(_RayBackend() if backend == "ray" else _PrometheusBackend())
 
     def text(self) -> bytes:
         """Prometheus text exposition (prometheus backend only)."""

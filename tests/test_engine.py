@@ -163,7 +163,8 @@ def test_bad_adapters_are_refused_and_others_keep_serving(engine, adapter_source
     for adapter in ("bad-pickle", "bad-truncated", "bad-rank", "bad-base", "bad-symlink"):
         with pytest.raises(AdapterRejected):
             engine.submit(PROMPTS[0], adapter, GREEDY).result(30)
-    assert solo(engine, PROMPTS[0], "rand-3")  # the others are untouched
+    _, final = engine.submit(PROMPTS[0], "rand-3", GREEDY).result(60)  # the others are untouched
+    assert final.error is None and final.finish_reason in ("stop", "length")
 
 
 def test_adapter_copied_in_after_start_is_served(engine, adapter_source):
@@ -171,22 +172,24 @@ def test_adapter_copied_in_after_start_is_served(engine, adapter_source):
     staging = root / ".staging-late"
     shutil.copytree(adapter_source / "rand-v2", staging)
     staging.rename(root / "late-arrival")
-    assert solo(engine, PROMPTS[1], "late-arrival")
+    _, final = engine.submit(PROMPTS[1], "late-arrival", GREEDY).result(60)
+    assert final.error is None and "late-arrival" in engine.store.resident()
 
 
 def test_hot_swap_under_load_fails_nothing_and_switches_versions(engine, adapter_source):
     root = Path(engine.store.root)
     shutil.copytree(adapter_source / "rand-1", root / "swapme")
-    old = solo(engine, PROMPTS[3], "swapme")
+    shutil.copytree(adapter_source / "rand-v2", root / "swap-preview")
+    prompt = next(p for p in PROMPTS if solo(engine, p, "swapme") != solo(engine, p, "swap-preview"))
+    old = solo(engine, prompt, "swapme")
     shutil.copytree(adapter_source / "rand-v2", root / ".swap-stage")
-    new_expected = None
     results, errors, stop = [], [], threading.Event()
 
     def client():
         while not stop.is_set():
             submitted = time.monotonic()
             try:
-                results.append((submitted, solo(engine, PROMPTS[3], "swapme")))
+                results.append((submitted, solo(engine, prompt, "swapme")))
             except Exception as exc:  # any failure breaks the bar
                 errors.append(exc)
 
@@ -202,9 +205,9 @@ def test_hot_swap_under_load_fails_nothing_and_switches_versions(engine, adapter
     stop.set()
     for w in workers:
         w.join(60)
-    new_expected = solo(engine, PROMPTS[3], "swapme")
+    new_expected = solo(engine, prompt, "swapme")
     assert not errors
-    assert new_expected != old
+    assert new_expected == solo(engine, prompt, "swap-preview") != old
     after = [text for t, text in results if t > switched]
     assert after and all(text == new_expected for text in after)
     assert {text for t, text in results if t < before_switch} == {old}
@@ -221,3 +224,21 @@ def test_full_queue_is_refused(embedded_base, tmp_path):
             s.cancel()
     finally:
         eng.shutdown(drain=False)
+
+
+def test_a_failing_metrics_exporter_never_breaks_requests(embedded_base, tmp_path):
+    from serving.metrics import ServingMetrics
+
+    metrics = ServingMetrics()
+
+    def exporter_down(*args, **kwargs):
+        raise ValueError("value must be >0, got 0")  # what Ray's Counter.inc(0) raised
+
+    metrics._backend._inner.record = exporter_down
+    eng = Engine(EngineConfig(base_model=str(embedded_base), adapters=str(tmp_path), max_batch=4), metrics=metrics)
+    try:
+        streams = [eng.submit(p, "", GREEDY) for p in PROMPTS]
+        finals = [s.result(60)[1] for s in streams]
+        assert all(f.error is None and f.finish_reason in ("stop", "length") for f in finals)
+    finally:
+        eng.shutdown()

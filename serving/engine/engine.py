@@ -252,7 +252,10 @@ class Engine:
                 with self._cond:
                     in_flight = list(self._running)
                 for request in in_flight:
-                    self._finish(request, "error", exc)
+                    try:
+                        self._finish(request, "error", exc)
+                    except Exception:  # keep failing the others; the loop must survive
+                        logger.exception("could not fail request %s", request.request_id)
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
@@ -322,7 +325,7 @@ class Engine:
             token = sample_next(row_logits, request.params, request.generator)
             if request.first_token_at is None:
                 request.first_token_at = now
-            if token in self.eos_ids:
+            if token in self.eos_ids and not request.params.ignore_eos:
                 self._emit(request, self.tokenizer.decode(request.generated, skip_special_tokens=True))
                 self._finish(request, "stop")
                 continue

@@ -18,25 +18,33 @@ class SlotContext:
         self.slot_ids: torch.Tensor | None = None  # [batch] int64
         self.any_adapter = False
         self.rank = 0  # largest rank among the batch's adapters: the bmm only spans that much
+        self.generation = 0  # bumps when the rows' slots or any slot's weights change
+        self.weights_version = 0
+        self._key = None
 
-    def set(self, slot_ids: torch.Tensor, rank: int) -> None:
-        self.slot_ids = slot_ids
+    def set(self, slot_ids: list[int], rank: int, device) -> None:
+        key = (tuple(slot_ids), rank, self.weights_version)
+        if key != self._key:  # decode steps with the same rows reuse each layer's gathered weights
+            self._key = key
+            self.generation += 1
+            self.slot_ids = torch.tensor(slot_ids, device=device)
         self.rank = rank
         self.any_adapter = rank > 0
 
 
 class BatchedLoRALinear(nn.Module):
-    """y = base(x) + scaling[s] * (x @ A[s].T) @ B[s].T, with s the row's adapter slot."""
+    """y = base(x) + (x @ A[s].T) @ (scaling[s] * B[s]).T, with s the row's adapter slot."""
 
     def __init__(self, base: nn.Module, context: SlotContext, n_slots: int, max_rank: int, device) -> None:
         super().__init__()
         self.base = base
         self.context = context
         self.in_features, self.out_features = base.in_features, base.out_features
-        # A: [slots, r, d_in]  B: [slots, d_out, r]; fp32 like PEFT's LoRA weights.
+        # A: [slots, r, d_in]  B: [slots, d_out, r] (times scaling); fp32 like PEFT's LoRA weights.
         self.register_buffer("lora_A", torch.zeros(n_slots, max_rank, self.in_features, device=device))
         self.register_buffer("lora_B", torch.zeros(n_slots, self.out_features, max_rank, device=device))
-        self.register_buffer("scaling", torch.zeros(n_slots, device=device))
+        self._generation = -1
+        self._a = self._b = None
 
     def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         """Write one adapter's matrices into a slot, zero-padding rank up to max_rank."""
@@ -44,25 +52,29 @@ class BatchedLoRALinear(nn.Module):
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
         self.lora_A[slot, :rank] = a.to(self.lora_A.dtype)
-        self.lora_B[slot, :, :rank] = b.to(self.lora_B.dtype)
-        self.scaling[slot] = scaling
+        self.lora_B[slot, :, :rank] = b.to(self.lora_B.dtype) * scaling  # scaling folded in once
 
     def clear_slot(self, slot: int) -> None:
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
-        self.scaling[slot] = 0.0
+
+    def _gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's A and B (scaling folded into B), gathered once per batch composition."""
+        if self._generation != self.context.generation:
+            slots, rank = self.context.slot_ids, self.context.rank
+            # index_select: several times faster than advanced indexing on CPU
+            self._a = self.lora_A[:, :rank].index_select(0, slots).transpose(1, 2)  # [b, d_in, r]
+            self._b = self.lora_B[:, :, :rank].index_select(0, slots).transpose(1, 2)  # [b, r, d_out]
+            self._generation = self.context.generation
+        return self._a, self._b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if not self.context.any_adapter:
             return y
-        slots, rank = self.context.slot_ids, self.context.rank  # [b], r
-        a = self.lora_A[slots, :rank]  # [b, r, d_in]
-        b = self.lora_B[slots, :, :rank]  # [b, d_out, r]
-        xa = torch.bmm(x.to(a.dtype), a.transpose(1, 2))  # [b, t, r]
-        delta = torch.bmm(xa, b.transpose(1, 2)) * self.scaling[slots].view(-1, 1, 1)  # [b, t, d_out]
+        a, b = self._gathered()
+        delta = torch.bmm(torch.bmm(x.to(a.dtype), a), b)  # x: [b, t, d_in] -> [b, t, r] -> [b, t, d_out]
         return y + delta.to(y.dtype)
-
 
 def wrap_linear_layers(model: nn.Module, context: SlotContext, n_slots: int, max_rank: int) -> dict[str, BatchedLoRALinear]:
     """Replace every linear inside the decoder layers (not the head) with a batched-LoRA wrapper.
@@ -95,11 +107,12 @@ class LoraSlots:
     def use(self, slot_ids: list[int], device) -> None:
         """Point every layer at these per-row slots for the next forward."""
         rank = max(self.slot_ranks[s] for s in slot_ids)
-        self.context.set(torch.tensor(slot_ids, device=device), rank)
+        self.context.set(slot_ids, rank, device)
 
     def load_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float) -> None:
         """weights: {module path: (A [r, d_in], B [d_out, r])}; modules not targeted stay zero."""
         self.slot_ranks[slot] = max(a.shape[0] for a, _ in weights.values())
+        self.context.weights_version += 1
         for name, layer in self.layers.items():
             if name in weights:
                 layer.load_slot(slot, *weights[name], scaling)
@@ -108,5 +121,6 @@ class LoraSlots:
 
     def clear_slot(self, slot: int) -> None:
         self.slot_ranks[slot] = 0
+        self.context.weights_version += 1
         for layer in self.layers.values():
             layer.clear_slot(slot)

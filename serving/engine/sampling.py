@@ -17,6 +17,7 @@ class SamplingParams:
     top_k: int = 0  # 0: no top-k cut
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks), as in vLLM
 
     def validate(self, max_new_tokens: int) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
