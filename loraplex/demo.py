@@ -16,7 +16,7 @@ def run_demo(retrain: bool = False, examples: int = 3) -> int:
     started = time.time()
     base_dir = ensure_base()
     tenants = list(ensure_demo_adapters(retrain=retrain))
-    engine = Engine(EngineConfig(base_model=str(base_dir), adapters=str(ADAPTERS_DIR), max_batch=32))
+    engine = Engine(EngineConfig(base_model=str(base_dir), adapters=str(ADAPTERS_DIR), max_batch=32, max_queue=4096))
     print(f"engine ready in {time.time() - started:.1f}s: {base_dir.name} in NF4, adapters from {ADAPTERS_DIR}\n")
     greedy = SamplingParams(max_tokens=8, temperature=0)
     try:
