@@ -246,29 +246,41 @@ class Router:
             adapters=[pb.AdapterInfo(**a) for a in listing["adapters"]],
             base_model=listing["base_model"], base_fingerprint=listing["base_fingerprint"])
 
-    async def LoadAdapter(self, request, grpc_context):  # noqa: N802
+    async def _admin(self, grpc_context, adapter_id: str, method: str, *args, empty, build):
+        """Run an admin call on the replica that holds (or will hold) the adapter."""
         try:
-            info = await self._to(request.adapter_id).load_adapter.remote(request.adapter_id)
+            result = await getattr(self._to(adapter_id), method).remote(adapter_id, *args)
         except Exception as exc:
             self._grpc_fail(grpc_context, _cause(exc))
-            return pb.LoadAdapterResponse()
-        return pb.LoadAdapterResponse(adapter=pb.AdapterInfo(**info))
+            return empty()
+        return build(result)
+
+    async def LoadAdapter(self, request, grpc_context):  # noqa: N802
+        return await self._admin(grpc_context, request.adapter_id, "load_adapter", empty=pb.LoadAdapterResponse,
+                                 build=lambda info: pb.LoadAdapterResponse(adapter=pb.AdapterInfo(**info)))
 
     async def UnloadAdapter(self, request, grpc_context):  # noqa: N802
-        try:
-            was = await self._to(request.adapter_id).unload_adapter.remote(request.adapter_id)
-        except Exception as exc:
-            self._grpc_fail(grpc_context, _cause(exc))
-            return pb.UnloadAdapterResponse()
-        return pb.UnloadAdapterResponse(was_resident=was)
+        return await self._admin(grpc_context, request.adapter_id, "unload_adapter", empty=pb.UnloadAdapterResponse,
+                                 build=lambda was: pb.UnloadAdapterResponse(was_resident=was))
 
     async def PinAdapter(self, request, grpc_context):  # noqa: N802
+        return await self._admin(grpc_context, request.adapter_id, "pin_adapter", request.pinned,
+                                 empty=pb.PinAdapterResponse,
+                                 build=lambda info: pb.PinAdapterResponse(adapter=pb.AdapterInfo(**info)))
+
+    async def Check(self, request, grpc_context):  # noqa: N802 (grpc.health.v1.Health/Check)
+        """SERVING once a ModelServer answers: what Kubernetes gRPC probes ask."""
+        from grpc_health.v1 import health_pb2
+
+        if request.service not in ("", "loraplex.v1.LoraplexService"):
+            grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+            grpc_context.set_details(f"unknown service {request.service!r}")
+            return health_pb2.HealthCheckResponse()
         try:
-            info = await self._to(request.adapter_id).pin_adapter.remote(request.adapter_id, request.pinned)
-        except Exception as exc:
-            self._grpc_fail(grpc_context, _cause(exc))
-            return pb.PinAdapterResponse()
-        return pb.PinAdapterResponse(adapter=pb.AdapterInfo(**info))
+            await self.model.stats.remote()
+        except Exception:
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
     # -- OpenAI-compatible HTTP ------------------------------------------------------------------
 

@@ -59,5 +59,9 @@ def _cancel_on_early_close() -> None:
 
 
 def add_servicer_to_server(servicer, server) -> None:
+    """LoraplexService, plus the standard grpc.health.v1.Health (answered by the Router's Check)."""
+    from grpc_health.v1 import health_pb2_grpc
+
     _cancel_on_early_close()
     loraplex_pb2_grpc.add_LoraplexServiceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)

@@ -173,6 +173,10 @@ def test_health_and_reflection(server):
     channel = grpc.insecure_channel(f"127.0.0.1:{server[0].grpc_port}")
     health = serve_pb2_grpc.RayServeAPIServiceStub(channel).Healthz(serve_pb2.HealthzRequest(), timeout=10)
     assert health.message == "success"
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    standard = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+    assert standard.status == health_pb2.HealthCheckResponse.SERVING
     reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
     replies = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
     services = {s.name for reply in replies for s in reply.list_services_response.service}

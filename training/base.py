@@ -109,6 +109,8 @@ def pretrain(model, tokenizer, steps: int, seed: int, batch_size: int = 64, lr: 
     """Plain causal-LM pretraining on the synthetic mix; returns the loss curve."""
     from tqdm import tqdm
 
+    if steps <= 0:
+        return []
     rows = synthetic.pretrain_mix(60000, seed)
     batches = _batches(tokenizer, rows, batch_size, random.Random(seed))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
@@ -118,8 +120,6 @@ def pretrain(model, tokenizer, steps: int, seed: int, batch_size: int = 64, lr: 
     )
     model.train()
     losses = []
-    if steps <= 0:
-        return losses
     bar = tqdm(range(steps), desc="pretrain base", file=sys.stderr)
     for _ in bar:
         loss = model(**next(batches)).loss

@@ -69,7 +69,12 @@ class BatchedLoRALinear(nn.Module):
         return self._a, self._b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        if x.shape[0] * x.shape[1] == 1:
+            # bitsandbytes takes a different 4-bit kernel (gemv) for a single row, whose rounding
+            # differs from the batched one; two rows keep a request's output batch-invariant.
+            y = self.base(x.expand(2, -1, -1))[:1]
+        else:
+            y = self.base(x)
         if not self.context.any_adapter:
             return y
         a, b = self._gathered()
