@@ -80,7 +80,8 @@ class ModelServer:
             raise event.error
         return {"text": text, "finish_reason": event.finish_reason, "prompt_tokens": event.prompt_tokens,
                 "completion_tokens": event.completion_tokens, "request_id": request_id,
-                "adapter_id": adapter_id, "replica_id": self.replica_id, "final": True}
+                "adapter_id": adapter_id, "replica_id": self.replica_id, "final": True,
+                "adapter_version": event.adapter_version}
 
     async def generate(self, call: GenerateCall) -> dict:
         adapter_id, stream = await self._submit(call)
@@ -228,7 +229,8 @@ class Router:
             self._grpc_fail(grpc_context, _cause(exc))
             return pb.GenerateResponse()
         return pb.GenerateResponse(**{k: result[k] for k in (
-            "text", "finish_reason", "prompt_tokens", "completion_tokens", "request_id", "adapter_id", "replica_id")})
+            "text", "finish_reason", "prompt_tokens", "completion_tokens", "request_id", "adapter_id", "replica_id",
+            "adapter_version")})
 
     async def GenerateStream(self, request, grpc_context):  # noqa: N802
         try:

@@ -181,7 +181,7 @@ def test_hot_swap_under_load_fails_nothing_and_switches_versions(engine, adapter
     shutil.copytree(adapter_source / "rand-1", root / "swapme")
     shutil.copytree(adapter_source / "rand-v2", root / "swap-preview")
     prompt = next(p for p in PROMPTS if solo(engine, p, "swapme") != solo(engine, p, "swap-preview"))
-    old = solo(engine, prompt, "swapme")
+    old_text, old = engine.submit(prompt, "swapme", GREEDY).result(60)
     shutil.copytree(adapter_source / "rand-v2", root / ".swap-stage")
     results, errors, stop = [], [], threading.Event()
 
@@ -189,7 +189,7 @@ def test_hot_swap_under_load_fails_nothing_and_switches_versions(engine, adapter
         while not stop.is_set():
             submitted = time.monotonic()
             try:
-                results.append((submitted, solo(engine, prompt, "swapme")))
+                results.append((submitted, engine.submit(prompt, "swapme", GREEDY).result(60)[1].adapter_version))
             except Exception as exc:  # any failure breaks the bar
                 errors.append(exc)
 
@@ -205,12 +205,13 @@ def test_hot_swap_under_load_fails_nothing_and_switches_versions(engine, adapter
     stop.set()
     for w in workers:
         w.join(60)
-    new_expected = solo(engine, prompt, "swapme")
+    new_text, new = engine.submit(prompt, "swapme", GREEDY).result(60)
     assert not errors
-    assert new_expected == solo(engine, prompt, "swap-preview") != old
-    after = [text for t, text in results if t > switched]
-    assert after and all(text == new_expected for text in after)
-    assert {text for t, text in results if t < before_switch} == {old}
+    assert new.adapter_version != old.adapter_version
+    assert new_text == solo(engine, prompt, "swap-preview") != old_text  # the new weights answer
+    after = [version for t, version in results if t > switched]
+    assert after and set(after) == {new.adapter_version}
+    assert {version for t, version in results if t < before_switch} == {old.adapter_version}
 
 
 def test_full_queue_is_refused(embedded_base, tmp_path):

@@ -90,7 +90,7 @@ def test_stream_chunks_then_a_final_message(stub):
     assert messages[-1].finish_reason in ("stop", "length") and messages[-1].completion_tokens > 0
     assert all(m.finish_reason == "" for m in messages[:-1]) and len(messages) >= 2
     assert "".join(m.text for m in messages) == grpc_generate(stub, prompt, tenant).text
-    assert messages[-1].adapter_id == tenant and messages[-1].request_id
+    assert messages[-1].adapter_id == tenant and messages[-1].request_id and messages[-1].adapter_version
 
 
 def test_http_streaming_and_chat(openai_client):

@@ -55,6 +55,7 @@ class StreamEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: BaseException | None = None
+    adapter_version: str = ""  # which on-disk version of the adapter answered
 
 
 class RequestStream:
@@ -364,6 +365,7 @@ class Engine:
         request.stream.push(StreamEvent(
             final=True, finish_reason=reason, prompt_tokens=len(request.prompt_ids),
             completion_tokens=len(request.generated), error=error,
+            adapter_version=request.lease.version_id if request.lease else "",
         ))
         if self.metrics:
             self.metrics.request_finished(

@@ -8,6 +8,7 @@ slot while requests in flight finish on the old one, which is freed when its las
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import threading
@@ -35,6 +36,11 @@ class SlotLease:
     rank: int
     users: int = 0
     loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def version_id(self) -> str:
+        """Short stable name of the on-disk version this lease serves (reported with each answer)."""
+        return hashlib.sha1(repr(self.version).encode()).hexdigest()[:12]
 
 
 class AdapterStore:
