@@ -210,7 +210,7 @@ def test_hot_swap_under_load_fails_nothing_and_switches_versions(engine, adapter
     assert new.adapter_version != old.adapter_version
     assert new_text == solo(engine, prompt, "swap-preview") != old_text  # the new weights answer
     after = [version for t, version in results if t > switched]
-    assert after and set(after) == {new.adapter_version}
+    assert after and set(after) == {new.adapter_version}, (old.adapter_version, new.adapter_version, results)
     assert {version for t, version in results if t < before_switch} == {old.adapter_version}
 
 

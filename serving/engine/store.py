@@ -37,10 +37,7 @@ class SlotLease:
     users: int = 0
     loaded_at: float = field(default_factory=time.time)
 
-    @property
-    def version_id(self) -> str:
-        """Short stable name of the on-disk version this lease serves (reported with each answer)."""
-        return hashlib.sha1(repr(self.version).encode()).hexdigest()[:12]
+    version_id: str = ""  # sha256 prefix of the adapter's config + weights: names the version that answered
 
 
 class AdapterStore:
@@ -173,7 +170,10 @@ class AdapterStore:
         except Exception:
             self._free_slot(slot)
             raise
-        lease = SlotLease(adapter_id, slot, version, rank)
+        digest = hashlib.sha256()
+        for name in ADAPTER_FILES:
+            digest.update((folder / name).read_bytes())
+        lease = SlotLease(adapter_id, slot, version, rank, version_id=digest.hexdigest()[:12])
         self._current[adapter_id] = lease
         if self.metrics:
             self.metrics.adapter_loaded(adapter_id, time.perf_counter() - started, len(self._current))
