@@ -44,19 +44,21 @@ def main(argv: list[str] | None = None) -> int:
     base.set_defaults(func=cmd_base)
 
     train = sub.add_parser("train", help="QLoRA fine-tuning (same flags as training/run.py)", add_help=False)
-    train.add_argument("rest", nargs=argparse.REMAINDER)
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=cmd_train, passthrough=True)
 
     serve = sub.add_parser("serve", help="Ray Serve: gRPC :9000 + OpenAI HTTP :8000 (see --help)", add_help=False)
-    serve.add_argument("rest", nargs=argparse.REMAINDER)
-    serve.set_defaults(func=cmd_serve)
+    serve.set_defaults(func=cmd_serve, passthrough=True)
 
     demo = sub.add_parser("demo", help="the embedded base + demo tenant adapters, side by side")
     demo.add_argument("--retrain", action="store_true", help="retrain the demo adapters first")
     demo.add_argument("--examples", type=int, default=3, help="answers to print per tenant")
     demo.set_defaults(func=cmd_demo)
 
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "passthrough", False):  # train/serve parse their own flags (and --help)
+        args.rest = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args)
     except LoraplexError as exc:
