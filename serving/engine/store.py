@@ -14,7 +14,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from training.adapter_id import validate_adapter_id
@@ -35,8 +35,6 @@ class SlotLease:
     version: tuple
     rank: int
     users: int = 0
-    loaded_at: float = field(default_factory=time.time)
-
     version_id: str = ""  # sha256 prefix of the adapter's config + weights: names the version that answered
 
 
@@ -100,13 +98,13 @@ class AdapterStore:
         _check_lora_config(adapter_id, config, self.max_rank)
         return folder, config, manifest
 
-    def _read_weights(self, adapter_id: str, folder: Path, config: dict) -> dict[str, tuple]:
+    def _read_weights(self, adapter_id: str, raw: bytes, config: dict) -> dict[str, tuple]:
         """{module path: (A, B)} after checking each tensor's module exists and shapes fit."""
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
         try:
-            tensors = load_file(str(folder / "adapter_model.safetensors"))
+            tensors = load(raw)
         except (SafetensorError, OSError, ValueError) as exc:
             raise AdapterRejected(f"adapter '{adapter_id}' weights are unreadable: {exc}") from None
         pairs: dict[str, dict] = {}
@@ -161,7 +159,9 @@ class AdapterStore:
         started = time.perf_counter()
         folder, config, _ = self.validate(adapter_id)
         version = self._version(folder)
-        weights = self._read_weights(adapter_id, folder, config)
+        config_bytes = (folder / "adapter_config.json").read_bytes()
+        weight_bytes = (folder / "adapter_model.safetensors").read_bytes()
+        weights = self._read_weights(adapter_id, weight_bytes, config)
         slot = self._take_slot()
         rank = int(config["r"])
         scaling = config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)
@@ -170,10 +170,8 @@ class AdapterStore:
         except Exception:
             self._free_slot(slot)
             raise
-        digest = hashlib.sha256()
-        for name in ADAPTER_FILES:
-            digest.update((folder / name).read_bytes())
-        lease = SlotLease(adapter_id, slot, version, rank, version_id=digest.hexdigest()[:12])
+        version_id = hashlib.sha256(config_bytes + weight_bytes).hexdigest()[:12]
+        lease = SlotLease(adapter_id, slot, version, rank, version_id=version_id)
         self._current[adapter_id] = lease
         if self.metrics:
             self.metrics.adapter_loaded(adapter_id, time.perf_counter() - started, len(self._current))
@@ -189,15 +187,12 @@ class AdapterStore:
         raise NoFreeSlot("every adapter slot is pinned or in use; try again shortly")
 
     def _evict(self, adapter_id: str) -> None:
-        lease = self._current.pop(adapter_id)
-        if lease.users:
-            self._retired.append(lease)
-        else:
-            self._free_slot(lease.slot)
+        self._retire(self._current[adapter_id])
         if self.metrics:
             self.metrics.adapter_evicted(adapter_id, len(self._current))
 
     def _retire(self, lease: SlotLease) -> None:
+        """Take the lease out of service; its slot frees now, or when its last request leaves."""
         del self._current[lease.adapter_id]
         if lease.users:
             self._retired.append(lease)
