@@ -46,10 +46,10 @@ class ModelServer:
     """One engine per replica: the NF4 base once, adapters in slots."""
 
     def __init__(self, engine_config: dict) -> None:
-        from serving.engine.engine import Engine
+        from serving.engine.engine import create_engine
         from serving.metrics import ServingMetrics
 
-        self.engine = Engine(EngineConfig(**engine_config), metrics=ServingMetrics("ray"))
+        self.engine = create_engine(EngineConfig(**engine_config), metrics=ServingMetrics("ray"))
         self.replica_id = serve.get_replica_context().replica_id.unique_id
 
     @serve.multiplexed(max_num_models_per_replica=MAX_MULTIPLEXED)

@@ -79,7 +79,7 @@ def test_adapter_forward_and_backward_on_nf4(tiny_base):
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit)
     assert q_proj.base_layer.weight.quant_state.nested  # double quantization
-    ids = torch.randint(3, 1000, (2, 12))
+    ids = torch.randint(3, 1000, (2, 12), device=model.device)
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -102,3 +102,29 @@ def test_resume_continues_from_the_latest_checkpoint(trained, tiny_base, tmp_pat
     ))
     assert manifest["steps"] == 50
     assert not (out / "checkpoints").exists()  # pickled optimizer state is gone after success
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: paged optimizers only page on CUDA")
+def test_cuda_training_pages_optimizer_state(tiny_base, tmp_path):
+    """On a GPU the recipe's paged_adamw_32bit is bitsandbytes' paged optimizer with CUDA state.
+
+    (bitsandbytes pages a state tensor only from 1e5 elements.)"""
+    from training.run import train
+
+    # rank 512: each LoRA A is 512x256 = 131k elements, large enough for bitsandbytes to page
+    manifest = train(TrainConfig(data=TRAIN, output=str(tmp_path / "gpu"), base_model=str(tiny_base),
+                                 max_steps=5, eval_steps=5, lora_r=512, lora_alpha=1024))
+    optimizer = manifest["optimizer"]
+    assert optimizer["class"].startswith("bitsandbytes.optim"), optimizer
+    assert optimizer["paged"] and optimizer["state_device"] == "cuda", optimizer
+    assert optimizer["paged_state_tensors"] > 0, optimizer
+    assert manifest["device"] == "cuda"
+
+
+def test_manifest_records_which_optimizer_ran(trained):
+    optimizer = json.loads((trained / MANIFEST_NAME).read_text())["optimizer"]
+    assert optimizer["class"].startswith("bitsandbytes.optim") and optimizer["name"] == "paged_adamw_32bit"
+    assert optimizer["paged"]
+    expected_device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert optimizer["state_device"] == expected_device

@@ -73,6 +73,16 @@ def checkpointing_args(enabled: bool) -> dict:
     return {key: enabled, f"{key}_kwargs": {"use_reentrant": False}}
 
 
+def describe_optimizer(trainer) -> dict:
+    """What actually ran. bitsandbytes pages state only on CUDA, and only for tensors of 1e5+ elements."""
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    states = [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t) and t.dim() > 0]
+    return {"class": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
+            "paged": bool(getattr(optimizer, "is_paged", False)),
+            "paged_state_tensors": sum(bool(getattr(t, "is_paged", False)) for t in states),
+            "state_device": states[0].device.type if states else None}
+
+
 def build_qlora_model(base_dir: Path, cfg: TrainConfig):
     """NF4 base (double quant, bf16 compute), prepared for k-bit training, with LoRA attached."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -163,7 +173,7 @@ def train(cfg: TrainConfig) -> dict:
         "quantization": NF4_SETTINGS,
         "optimizer": {"name": cfg.optimizer, "learning_rate": cfg.learning_rate,
                       "schedule": "cosine", "warmup_ratio": cfg.warmup_ratio,
-                      "max_grad_norm": cfg.max_grad_norm},
+                      "max_grad_norm": cfg.max_grad_norm, **describe_optimizer(trainer)},
         "data": {"train": {"path": cfg.data, "sha256": file_sha256(cfg.data), "rows": len(train_rows)}}
         | ({"eval": {"path": cfg.eval_data, "sha256": file_sha256(cfg.eval_data), "rows": len(eval_rows)}}
            if cfg.eval_data else {}),

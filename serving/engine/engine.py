@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from serving.engine.lora_batch import LoraSlots
 from serving.engine.runner import KVCacheRunner
@@ -35,7 +36,8 @@ logger = logging.getLogger("loraplex.engine")
 class EngineConfig:
     base_model: str | None = field(default=None, metadata={"help": "HF checkpoint; default: the embedded base"})
     adapters: str | None = field(default=None, metadata={"help": "adapter store root: <dir>/<adapter_id>/"})
-    quantization: str = field(default="nf4", metadata={"help": "nf4 (bitsandbytes, as in training) or bf16"})
+    quantization: str = field(default="nf4", metadata={
+        "help": "nf4 (bitsandbytes, as in training), bf16, or awq (vllm engine: a convert AWQ export)"})
     max_batch: int = field(default=16, metadata={"help": "requests decoded together (KV-cache rows)"})
     max_loras: int = field(default=8, metadata={"help": "adapters resident at once (LRU beyond that)"})
     max_lora_rank: int = field(default=64, metadata={"help": "largest adapter rank accepted"})
@@ -43,6 +45,15 @@ class EngineConfig:
     max_queue: int = field(default=256, metadata={"help": "waiting requests before RESOURCE_EXHAUSTED"})
     max_new_tokens: int = field(default=256, metadata={"help": "cap on max_tokens per request"})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda; default: cuda when present"})
+    engine: str = field(default="torch", metadata={"help": "torch (this engine, CPU or GPU) or vllm (CUDA)",
+                                                   "choices": ["torch", "vllm"]})
+    # vLLM engine only (see serving/engine/vllm_engine.py)
+    max_cpu_loras: int | None = field(default=None, metadata={"help": "vllm: adapters kept in CPU memory"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vllm: share of GPU memory"})
+    enforce_eager: bool = field(default=False, metadata={"help": "vllm: skip CUDA graphs"})
+    seed: int = field(default=0, metadata={"help": "vllm: engine seed"})
+    adapter_base: str | None = field(default=None, metadata={
+        "help": "checkpoint the adapters were trained on, when the served base differs (an AWQ export)"})
 
 
 @dataclass
@@ -124,6 +135,17 @@ class _Request:
     cancelled: bool = False
 
 
+def create_engine(config: EngineConfig, metrics=None):
+    """The engine the config names; both have the same surface (submit, store, stats, shutdown)."""
+    if config.engine == "vllm":
+        from serving.engine.vllm_engine import VLLMEngine
+
+        return VLLMEngine(config, metrics=metrics)
+    if config.engine != "torch":
+        raise InvalidRequest(f"unknown engine {config.engine!r}: use torch or vllm")
+    return Engine(config, metrics=metrics)
+
+
 class Engine:
     def __init__(self, config: EngineConfig, metrics=None) -> None:
         from transformers import AutoTokenizer
@@ -147,13 +169,19 @@ class Engine:
         model.eval()
         self.model = model
         self.max_seq = min(config.max_seq, model.config.max_position_embeddings)
-        self.slots = LoraSlots(model, config.max_loras + 1, config.max_lora_rank)  # +1: room for a hot swap
-        self.runner = KVCacheRunner(model, config.max_batch, self.max_seq)
+        # +1 slot: room for a hot swap while the old version finishes its requests
+        self.slots = LoraSlots(model, config.max_loras + 1, config.max_lora_rank, config.max_batch)
+        self.runner = KVCacheRunner(model, self.slots, config.max_batch, self.max_seq)
         self.store = AdapterStore(config.adapters or base_dir / "_no_adapters", self.slots,
                                   self.base_fingerprint, config.max_lora_rank, metrics=metrics)
         self.eos_ids = {self.tokenizer.eos_token_id, model.config.eos_token_id} - {None}
+        # GPU kernels (cuBLAS, bitsandbytes) pick their reduction order by matrix shape, so a
+        # request's greedy output could change with the batch around it. On CUDA every forward
+        # has a fixed shape: one prefill per request, and decode padded to max_batch rows over
+        # the whole cache. CPU kernels here are row-invariant already, so CPU skips the padding.
+        self.fixed_shapes = torch.device(device).type == "cuda"
         self._waiting: deque[_Request] = deque()
-        self._running: list[_Request] = []
+        self._running: list[_Request] = []  # a request's index here is its LoRA batch position
         self._free_rows = list(range(config.max_batch - 1, -1, -1))
         self._by_id: dict[str, _Request] = {}
         self._cond = threading.Condition()
@@ -287,7 +315,10 @@ class Engine:
                 request.row = self._free_rows.pop()
                 self._running.append(request)
             admitted.append(request)
-        if admitted:
+        if admitted and self.fixed_shapes:
+            for request in admitted:
+                self._prefill([request])
+        elif admitted:
             self._prefill(admitted)
 
     def _prefill(self, requests: list[_Request]) -> None:
@@ -306,7 +337,8 @@ class Engine:
         requests = list(self._running)
         ids = torch.tensor([[r.generated[-1]] for r in requests])
         positions = torch.tensor([[r.length] for r in requests])
-        logits = self._forward(requests, ids, positions, torch.zeros(len(requests), dtype=torch.long))
+        logits = self._forward(requests, ids, positions, torch.zeros(len(requests), dtype=torch.long),
+                               pad=self.fixed_shapes)
         for request in requests:
             request.length += 1
         self.steps += 1
@@ -314,11 +346,26 @@ class Engine:
             self.metrics.batch_size(len(requests))
         self._accept_tokens(requests, logits)
 
-    def _forward(self, requests: list[_Request], ids, positions, last) -> torch.Tensor:
+    def _forward(self, requests: list[_Request], ids, positions, last, pad: bool = False) -> torch.Tensor:
+        """requests: all running ones (decode) or a contiguous run of them (prefill).
+
+        pad: fill the batch up to max_batch rows with dummies in free cache rows (fixed shapes).
+        """
         device = self.runner.k_cache.device
-        self.slots.use([r.lease.slot if r.lease else 0 for r in requests], device)
-        rows = torch.tensor([r.row for r in requests], device=device)
-        return self.runner(ids.to(device), positions.to(device), rows, last.to(device)).cpu()
+        start = self._running.index(requests[0])
+        slots = [r.lease.slot if r.lease else 0 for r in self._running]
+        rows = [r.row for r in requests]
+        n, span = len(requests), None
+        if pad:
+            extra = self.config.max_batch - n
+            rows += self._free_rows[:extra]
+            slots += [0] * extra
+            ids, positions = F.pad(ids, (0, 0, 0, extra)), F.pad(positions, (0, 0, 0, extra))
+            last, span = F.pad(last, (0, extra)), self.max_seq
+        self.slots.use(slots)
+        rows = torch.tensor(rows, device=device)
+        logits = self.runner(ids.to(device), positions.to(device), rows, last.to(device), start, span)
+        return logits[:n].cpu()
 
     def _accept_tokens(self, requests: list[_Request], logits: torch.Tensor) -> None:
         now = time.monotonic()
@@ -356,7 +403,11 @@ class Engine:
             if self._by_id.pop(request.request_id, None) is None:
                 return  # already finished
             if request in self._running:
-                self._running.remove(request)
+                # the last request takes the free batch position: only one position changes
+                index = self._running.index(request)
+                last = self._running.pop()
+                if last is not request:
+                    self._running[index] = last
                 self._free_rows.append(request.row)
             elif request in self._waiting:
                 self._waiting.remove(request)

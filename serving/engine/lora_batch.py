@@ -1,8 +1,15 @@
 """Batched mixed-adapter LoRA: every row of a batch applies its own adapter, base matmul shared.
 
-The idea behind Punica's SGMV and S-LoRA, in plain torch: adapters live stacked in slots,
-each row gathers its slot's A and B, and one bmm pair applies them all. Slot 0 holds zeros:
-rows without an adapter run the bare base.
+The idea behind Punica's SGMV and S-LoRA, in plain torch. Adapters live in numbered slots
+(slot 0: no adapter). Each running request holds a batch *position*; every projection group
+keeps a copy of its position's adapter weights, so one bmm pair applies all the rows' adapters.
+
+Two things keep the per-step cost low on a CPU, where small ops cost more in dispatch than in
+arithmetic:
+- positions change one at a time: the engine removes a finished request by moving the last
+  one into its place, so a join or a leave copies one adapter, not the whole batch's;
+- linears that read the same input (q/k/v, gate/up) form one group: one bmm computes all of
+  their `x @ A`, and one against a block-diagonal B all of their deltas.
 """
 
 from __future__ import annotations
@@ -10,122 +17,138 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-class SlotContext:
-    """Which adapter slot each batch row uses for the forward pass in flight (shared by all layers)."""
-
-    def __init__(self) -> None:
-        self.slot_ids: torch.Tensor | None = None  # [batch] int64
-        self.any_adapter = False
-        self.rank = 0  # largest rank among the batch's adapters: the bmm only spans that much
-        self.generation = 0  # bumps when the rows' slots or any slot's weights change
-        self.weights_version = 0
-        self._key = None
-
-    def set(self, slot_ids: list[int], rank: int, device) -> None:
-        key = (tuple(slot_ids), rank, self.weights_version)
-        if key != self._key:  # decode steps with the same rows reuse each layer's gathered weights
-            self._key = key
-            self.generation += 1
-            self.slot_ids = torch.tensor(slot_ids, device=device)
-        self.rank = rank
-        self.any_adapter = rank > 0
+# Linears of one decoder layer that read the same input, by their PEFT module-path suffix.
+GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+          ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 
 
-class BatchedLoRALinear(nn.Module):
-    """y = base(x) + (x @ A[s].T) @ (scaling[s] * B[s]).T, with s the row's adapter slot."""
+class BatchLayout:
+    """Which slot each batch position holds, shared by all groups; groups sync from it lazily."""
 
-    def __init__(self, base: nn.Module, context: SlotContext, n_slots: int, max_rank: int, device) -> None:
+    def __init__(self, n_slots: int) -> None:
+        self.positions: list[tuple[int, int]] = []  # (slot, slot generation) per position
+        self.slot_generation = [0] * n_slots
+        self.slot_rank = [0] * n_slots
+        self.rank = 0  # largest rank in the batch: the bmms span only that much
+        self.version = 0  # bumps whenever positions or rank change
+
+    def set(self, slots: list[int]) -> None:
+        positions = [(s, self.slot_generation[s]) for s in slots]
+        rank = max((self.slot_rank[s] for s in slots), default=0)
+        if positions != self.positions or rank != self.rank:
+            self.positions, self.rank = positions, rank
+            self.version += 1
+
+
+def _run_base(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if x.shape[0] * x.shape[1] == 1:
+        # bitsandbytes takes a different 4-bit kernel (gemv) for a single row, whose rounding
+        # differs from the batched one; two rows keep a request's output batch-invariant.
+        return linear(x.expand(2, -1, -1))[:1]
+    return linear(x)
+
+
+class LoraGroup(nn.Module):
+    """Base linears sharing one input, plus every slot's LoRA for each of them."""
+
+    def __init__(self, names: list[str], linears: list[nn.Module], layout: BatchLayout,
+                 n_slots: int, max_rank: int, max_batch: int) -> None:
         super().__init__()
-        self.base = base
-        self.context = context
-        self.in_features, self.out_features = base.in_features, base.out_features
-        # A: [slots, r, d_in]  B: [slots, d_out, r] (times scaling); fp32 like PEFT's LoRA weights.
-        self.register_buffer("lora_A", torch.zeros(n_slots, max_rank, self.in_features, device=device))
-        self.register_buffer("lora_B", torch.zeros(n_slots, self.out_features, max_rank, device=device))
-        self._generation = -1
-        self._a = self._b = None
+        self.names, self.linears, self.layout = names, nn.ModuleList(linears), layout
+        self.max_batch = max_batch
+        self.in_features = linears[0].in_features
+        self.out_features = [m.out_features for m in linears]
+        self.out_offsets = [sum(self.out_features[:j]) for j in range(len(linears))]
+        device = linears[0].weight.device
+        # Per slot, per member: A [r, d_in] and B [d_out, r] (times scaling), fp32 like PEFT's.
+        self.slot_A = [torch.zeros(n_slots, max_rank, self.in_features, device=device) for _ in linears]
+        self.slot_B = [torch.zeros(n_slots, d, max_rank, device=device) for d in self.out_features]
+        self._synced_version, self._rank = -1, -1
+        self._held: list[tuple[int, int] | None] = []
+        self._pos_A = self._pos_B = None
 
-    def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
-        """Write one adapter's matrices into a slot, zero-padding rank up to max_rank."""
-        rank = a.shape[0]
-        self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
-        self.lora_A[slot, :rank] = a.to(self.lora_A.dtype)
-        self.lora_B[slot, :, :rank] = b.to(self.lora_B.dtype) * scaling  # scaling folded in once
+    def load_slot(self, slot: int, member: int, a: torch.Tensor | None, b: torch.Tensor | None,
+                  scaling: float) -> None:
+        """Write one member's matrices into a slot (None: not targeted), zero-padding the rank."""
+        self.slot_A[member][slot].zero_()
+        self.slot_B[member][slot].zero_()
+        if a is not None:
+            rank = a.shape[0]
+            self.slot_A[member][slot, :rank] = a.to(torch.float32)
+            self.slot_B[member][slot, :, :rank] = b.to(torch.float32) * scaling  # scaling folded in once
 
-    def clear_slot(self, slot: int) -> None:
-        self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
+    def _sync(self) -> None:
+        """Bring the per-position copies in line with the layout, copying only what changed."""
+        layout, rank = self.layout, self.layout.rank
+        if rank != self._rank:  # new width: reallocate, and every position is copied again
+            n = len(self.linears)
+            device = self.slot_A[0].device
+            self._pos_A = torch.zeros(self.max_batch, n * rank, self.in_features, device=device)
+            self._pos_B = torch.zeros(self.max_batch, sum(self.out_features), n * rank, device=device)
+            self._held, self._rank = [None] * self.max_batch, rank
+        for position, held in enumerate(layout.positions):
+            if self._held[position] != held:
+                self._copy_in(position, held[0], rank)
+                self._held[position] = held
+        self._synced_version = layout.version
 
-    def _gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's A and B (scaling folded into B), gathered once per batch composition."""
-        if self._generation != self.context.generation:
-            slots, rank = self.context.slot_ids, self.context.rank
-            # index_select: several times faster than advanced indexing on CPU
-            self._a = self.lora_A[:, :rank].index_select(0, slots).transpose(1, 2)  # [b, d_in, r]
-            self._b = self.lora_B[:, :, :rank].index_select(0, slots).transpose(1, 2)  # [b, r, d_out]
-            self._generation = self.context.generation
-        return self._a, self._b
+    def _copy_in(self, position: int, slot: int, rank: int) -> None:
+        for j, (d_out, offset) in enumerate(zip(self.out_features, self.out_offsets)):
+            cols = slice(j * rank, (j + 1) * rank)
+            self._pos_A[position, cols] = self.slot_A[j][slot, :rank]
+            self._pos_B[position, offset:offset + d_out, cols] = self.slot_B[j][slot, :, :rank]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] * x.shape[1] == 1:
-            # bitsandbytes takes a different 4-bit kernel (gemv) for a single row, whose rounding
-            # differs from the batched one; two rows keep a request's output batch-invariant.
-            y = self.base(x.expand(2, -1, -1))[:1]
-        else:
-            y = self.base(x)
-        if not self.context.any_adapter:
-            return y
-        a, b = self._gathered()
-        delta = torch.bmm(torch.bmm(x.to(a.dtype), a), b)  # x: [b, t, d_in] -> [b, t, r] -> [b, t, d_out]
-        return y + delta.to(y.dtype)
-
-def wrap_linear_layers(model: nn.Module, context: SlotContext, n_slots: int, max_rank: int) -> dict[str, BatchedLoRALinear]:
-    """Replace every linear inside the decoder layers (not the head) with a batched-LoRA wrapper.
-
-    Returns them by their PEFT module path (e.g. `model.layers.0.self_attn.q_proj`).
-    """
-    device = next(model.parameters()).device
-    wrapped: dict[str, BatchedLoRALinear] = {}
-    for name, module in list(model.named_modules()):
-        # bitsandbytes' Linear4bit subclasses nn.Linear, so NF4 layers are wrapped too.
-        if ".layers." not in f".{name}" or not isinstance(module, nn.Linear):
-            continue
-        parent_name, _, child = name.rpartition(".")
-        wrapper = BatchedLoRALinear(module, context, n_slots, max_rank, device)
-        setattr(model.get_submodule(parent_name), child, wrapper)
-        wrapped[name] = wrapper
-    return wrapped
+    def forward(self, x: torch.Tensor, start: int) -> list[torch.Tensor]:
+        """x: [b, t, d_in] for batch positions start..start+b; one output per member linear."""
+        outputs = [_run_base(linear, x) for linear in self.linears]
+        if self.layout.rank == 0:
+            return outputs
+        if self._synced_version != self.layout.version:
+            self._sync()
+        rows = slice(start, start + x.shape[0])
+        a = self._pos_A[rows].transpose(1, 2)  # [b, d_in, n*r]
+        b = self._pos_B[rows].transpose(1, 2)  # [b, n*r, sum d_out], block-diagonal
+        delta = torch.bmm(torch.bmm(x.to(a.dtype), a), b).to(outputs[0].dtype)
+        if len(outputs) == 1:
+            return [outputs[0] + delta]
+        return [y + delta[..., o:o + d] for y, o, d in zip(outputs, self.out_offsets, self.out_features)]
 
 
 class LoraSlots:
-    """All batched-LoRA layers of one model, addressed as numbered adapter slots."""
+    """All LoRA groups of one model, addressed as numbered adapter slots."""
 
-    def __init__(self, model: nn.Module, n_adapters: int, max_rank: int) -> None:
-        self.context = SlotContext()
+    def __init__(self, model: nn.Module, n_adapters: int, max_rank: int, max_batch: int) -> None:
         self.n_slots = n_adapters + 1  # slot 0: no adapter
-        self.layers = wrap_linear_layers(model, self.context, self.n_slots, max_rank)
-        self.module_shapes = {name: (m.in_features, m.out_features) for name, m in self.layers.items()}
-        self.slot_ranks = [0] * self.n_slots
+        self.layout = BatchLayout(self.n_slots)
+        self.groups: list[dict[str, LoraGroup]] = []  # per decoder layer: group name -> group
+        self.module_shapes: dict[str, tuple[int, int]] = {}  # PEFT module path -> (d_in, d_out)
+        self._members: dict[str, tuple[LoraGroup, int]] = {}
+        for index, layer in enumerate(model.model.layers):
+            by_name = {}
+            for suffixes in GROUPS:
+                linears = [layer.get_submodule(s) for s in suffixes]
+                group = LoraGroup(list(suffixes), linears, self.layout, self.n_slots, max_rank, max_batch)
+                by_name[suffixes[0]] = group
+                for j, (suffix, linear) in enumerate(zip(suffixes, linears)):
+                    path = f"model.layers.{index}.{suffix}"
+                    self.module_shapes[path] = (linear.in_features, linear.out_features)
+                    self._members[path] = (group, j)
+            self.groups.append(by_name)
 
-    def use(self, slot_ids: list[int], device) -> None:
-        """Point every layer at these per-row slots for the next forward."""
-        rank = max(self.slot_ranks[s] for s in slot_ids)
-        self.context.set(slot_ids, rank, device)
+    def use(self, slots: list[int]) -> None:
+        """Batch position i holds slot slots[i] for the next forward passes."""
+        self.layout.set(slots)
 
     def load_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float) -> None:
         """weights: {module path: (A [r, d_in], B [d_out, r])}; modules not targeted stay zero."""
-        self.slot_ranks[slot] = max(a.shape[0] for a, _ in weights.values())
-        self.context.weights_version += 1
-        for name, layer in self.layers.items():
-            if name in weights:
-                layer.load_slot(slot, *weights[name], scaling)
-            else:
-                layer.clear_slot(slot)
+        for path, (group, member) in self._members.items():
+            a, b = weights.get(path, (None, None))
+            group.load_slot(slot, member, a, b, scaling)
+        self.layout.slot_rank[slot] = max(a.shape[0] for a, _ in weights.values())
+        self.layout.slot_generation[slot] += 1
 
     def clear_slot(self, slot: int) -> None:
-        self.slot_ranks[slot] = 0
-        self.context.weights_version += 1
-        for layer in self.layers.values():
-            layer.clear_slot(slot)
+        for group, member in self._members.values():
+            group.load_slot(slot, member, None, None, 0.0)
+        self.layout.slot_rank[slot] = 0
+        self.layout.slot_generation[slot] += 1

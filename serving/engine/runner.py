@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serving.engine.lora_batch import LoraSlots
+
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -21,9 +23,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class KVCacheRunner(nn.Module):
     """forward(ids, positions, rows) -> next-token logits, reading and writing cache rows."""
 
-    def __init__(self, hf_model: nn.Module, max_rows: int, max_seq: int) -> None:
+    def __init__(self, hf_model: nn.Module, lora: LoraSlots, max_rows: int, max_seq: int) -> None:
         super().__init__()
         config = hf_model.config
+        self.lora = lora
         self.decoder = hf_model.model
         self.lm_head = hf_model.lm_head
         self.n_heads = config.num_attention_heads
@@ -38,29 +41,37 @@ class KVCacheRunner(nn.Module):
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, last: torch.Tensor,
+                start: int = 0, span: int | None = None) -> torch.Tensor:
         """ids, positions: [b, t]; rows: [b] cache rows; last: [b] index of each row's last real token.
+
+        The b rows are batch positions start..start+b of the LoRA layout (see lora_batch). `span`
+        fixes how many cache positions attention reads (default: just enough for these rows).
 
         Right-padded rows are fine: pad tokens sit after the real ones, no real query attends to
         them, and the next decode step overwrites their cache entries.
         """
         hidden = self.decoder.embed_tokens(ids)  # [b, t, d]
         cos, sin = self.decoder.rotary_emb(hidden, positions)  # [b, t, head_dim]
-        span = int(positions.max()) + 1
+        span = span or int(positions.max()) + 1
         key_pos = torch.arange(span, device=ids.device)
         mask = key_pos.view(1, 1, 1, span) <= positions.view(ids.shape[0], 1, ids.shape[1], 1)  # [b,1,t,span]
         for index, layer in enumerate(self.decoder.layers):
+            groups = self.lora.groups[index]
             attn_in = layer.input_layernorm(hidden)
-            hidden = hidden + self._attention(index, layer.self_attn, attn_in, cos, sin, positions, rows, mask, span)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + self._attention(index, groups, attn_in, cos, sin, positions, rows, mask, span, start)
+            gate, up = groups["mlp.gate_proj"](layer.post_attention_layernorm(hidden), start)
+            (down,) = groups["mlp.down_proj"](layer.mlp.act_fn(gate) * up, start)
+            hidden = hidden + down
         final = self.decoder.norm(hidden[torch.arange(ids.shape[0]), last])  # [b, d]
         return self.lm_head(final).float()  # [b, vocab]
 
-    def _attention(self, index, attn, x, cos, sin, positions, rows, mask, span) -> torch.Tensor:
+    def _attention(self, index, groups, x, cos, sin, positions, rows, mask, span, start) -> torch.Tensor:
         b, t, _ = x.shape
-        q = attn.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = attn.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        v = attn.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        q, k, v = groups["self_attn.q_proj"](x, start)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim)
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # broadcast over heads
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
@@ -73,4 +84,5 @@ class KVCacheRunner(nn.Module):
             q.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=mask,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # [b, heads, t, hd]
-        return attn.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        (o,) = groups["self_attn.o_proj"](out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim), start)
+        return o
