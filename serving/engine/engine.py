@@ -152,7 +152,7 @@ class Engine:
 
         from training.base import ensure_base
         from training.manifest import base_fingerprint
-        from training.quant import default_device, load_dense_base, load_nf4_base
+        from training.quant import default_device
 
         self.config = config
         self.metrics = metrics
@@ -160,21 +160,8 @@ class Engine:
         device = config.device or default_device()
         self.base_dir, self.base_fingerprint = base_dir, base_fingerprint(base_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-        if config.quantization == "nf4":
-            model = load_nf4_base(base_dir, device)
-        elif config.quantization == "bf16":
-            model = load_dense_base(base_dir, torch.bfloat16, device)
-        else:
+        if config.quantization not in ("nf4", "bf16"):
             raise InvalidRequest(f"unknown quantization {config.quantization!r}: use nf4 or bf16")
-        model.eval()
-        self.model = model
-        self.max_seq = min(config.max_seq, model.config.max_position_embeddings)
-        # +1 slot: room for a hot swap while the old version finishes its requests
-        self.slots = LoraSlots(model, config.max_loras + 1, config.max_lora_rank, config.max_batch)
-        self.runner = KVCacheRunner(model, self.slots, config.max_batch, self.max_seq)
-        self.store = AdapterStore(config.adapters or base_dir / "_no_adapters", self.slots,
-                                  self.base_fingerprint, config.max_lora_rank, metrics=metrics)
-        self.eos_ids = {self.tokenizer.eos_token_id, model.config.eos_token_id} - {None}
         # GPU kernels (cuBLAS, bitsandbytes) pick their reduction order by matrix shape, so a
         # request's greedy output could change with the batch around it. On CUDA every forward
         # has a fixed shape: one prefill per request, and decode padded to max_batch rows over
@@ -187,8 +174,43 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self.steps = 0  # decode iterations run: tests and metrics read it
-        self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
+        # One thread loads the model and runs every forward. libgomp gives each thread that
+        # runs parallel torch ops its own worker pool; two pools on a small machine throttle
+        # each other (every op pays a futex wake-up: 4-14x slower small matmuls, measured here).
+        self._ready, self._load_error = threading.Event(), None
+        self._thread = threading.Thread(target=self._run, args=(device,), name="loraplex-engine", daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if self._load_error is not None:
+            raise self._load_error
+
+    def _load(self, device: str) -> None:
+        from training.quant import load_dense_base, load_nf4_base
+
+        config, base_dir = self.config, self.base_dir
+        if config.quantization == "nf4":
+            model = load_nf4_base(base_dir, device)
+        else:
+            model = load_dense_base(base_dir, torch.bfloat16, device)
+        model.eval()
+        self.model = model
+        self.max_seq = min(config.max_seq, model.config.max_position_embeddings)
+        # +1 slot: room for a hot swap while the old version finishes its requests
+        self.slots = LoraSlots(model, config.max_loras + 1, config.max_lora_rank, config.max_batch)
+        self.runner = KVCacheRunner(model, self.slots, config.max_batch, self.max_seq)
+        self.store = AdapterStore(config.adapters or base_dir / "_no_adapters", self.slots,
+                                  self.base_fingerprint, config.max_lora_rank, metrics=self.metrics)
+        self.eos_ids = {self.tokenizer.eos_token_id, model.config.eos_token_id} - {None}
+
+    def _run(self, device: str) -> None:
+        try:
+            self._load(device)
+        except BaseException as exc:  # surfaces in __init__, in the caller's thread
+            self._load_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self._loop()
 
     # -- the caller's side ---------------------------------------------------------------------
 

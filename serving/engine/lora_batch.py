@@ -9,7 +9,9 @@ arithmetic:
 - positions change one at a time: the engine removes a finished request by moving the last
   one into its place, so a join or a leave copies one adapter, not the whole batch's;
 - linears that read the same input (q/k/v, gate/up) form one group: one bmm computes all of
-  their `x @ A`, and one against a block-diagonal B all of their deltas.
+  their `x @ A`;
+- the per-position copies are stored in the layout bmm reads (a transposed view would be
+  copied again on every call).
 """
 
 from __future__ import annotations
@@ -58,11 +60,11 @@ class LoraGroup(nn.Module):
         self.max_batch = max_batch
         self.in_features = linears[0].in_features
         self.out_features = [m.out_features for m in linears]
-        self.out_offsets = [sum(self.out_features[:j]) for j in range(len(linears))]
         device = linears[0].weight.device
-        # Per slot, per member: A [r, d_in] and B [d_out, r] (times scaling), fp32 like PEFT's.
-        self.slot_A = [torch.zeros(n_slots, max_rank, self.in_features, device=device) for _ in linears]
-        self.slot_B = [torch.zeros(n_slots, d, max_rank, device=device) for d in self.out_features]
+        # Per slot, per member, already transposed for bmm: A.T [d_in, r] and (scaling * B).T
+        # [r, d_out], fp32 like PEFT's. Copying a slot into a batch position is then a plain copy.
+        self.slot_A = [torch.zeros(n_slots, self.in_features, max_rank, device=device) for _ in linears]
+        self.slot_B = [torch.zeros(n_slots, max_rank, d, device=device) for d in self.out_features]
         self._synced_version, self._rank = -1, -1
         self._held: list[tuple[int, int] | None] = []
         self._pos_A = self._pos_B = None
@@ -74,17 +76,17 @@ class LoraGroup(nn.Module):
         self.slot_B[member][slot].zero_()
         if a is not None:
             rank = a.shape[0]
-            self.slot_A[member][slot, :rank] = a.to(torch.float32)
-            self.slot_B[member][slot, :, :rank] = b.to(torch.float32) * scaling  # scaling folded in once
+            self.slot_A[member][slot, :, :rank] = a.to(torch.float32).T
+            self.slot_B[member][slot, :rank] = b.to(torch.float32).T * scaling  # scaling folded in once
 
     def _sync(self) -> None:
         """Bring the per-position copies in line with the layout, copying only what changed."""
         layout, rank = self.layout, self.layout.rank
         if rank != self._rank:  # new width: reallocate, and every position is copied again
-            n = len(self.linears)
-            device = self.slot_A[0].device
-            self._pos_A = torch.zeros(self.max_batch, n * rank, self.in_features, device=device)
-            self._pos_B = torch.zeros(self.max_batch, sum(self.out_features), n * rank, device=device)
+            device, n = self.slot_A[0].device, len(self.linears)
+            # bmm-ready, contiguous layouts: a transposed view would be copied on every call
+            self._pos_A = torch.zeros(self.max_batch, self.in_features, n * rank, device=device)
+            self._pos_B = [torch.zeros(self.max_batch, rank, d, device=device) for d in self.out_features]
             self._held, self._rank = [None] * self.max_batch, rank
         for position, held in enumerate(layout.positions):
             if self._held[position] != held:
@@ -93,25 +95,22 @@ class LoraGroup(nn.Module):
         self._synced_version = layout.version
 
     def _copy_in(self, position: int, slot: int, rank: int) -> None:
-        for j, (d_out, offset) in enumerate(zip(self.out_features, self.out_offsets)):
-            cols = slice(j * rank, (j + 1) * rank)
-            self._pos_A[position, cols] = self.slot_A[j][slot, :rank]
-            self._pos_B[position, offset:offset + d_out, cols] = self.slot_B[j][slot, :, :rank]
+        for j in range(len(self.linears)):
+            self._pos_A[position, :, j * rank:(j + 1) * rank] = self.slot_A[j][slot, :, :rank]
+            self._pos_B[j][position] = self.slot_B[j][slot, :rank]
 
     def forward(self, x: torch.Tensor, start: int) -> list[torch.Tensor]:
         """x: [b, t, d_in] for batch positions start..start+b; one output per member linear."""
         outputs = [_run_base(linear, x) for linear in self.linears]
-        if self.layout.rank == 0:
+        rank = self.layout.rank
+        if rank == 0:
             return outputs
         if self._synced_version != self.layout.version:
             self._sync()
         rows = slice(start, start + x.shape[0])
-        a = self._pos_A[rows].transpose(1, 2)  # [b, d_in, n*r]
-        b = self._pos_B[rows].transpose(1, 2)  # [b, n*r, sum d_out], block-diagonal
-        delta = torch.bmm(torch.bmm(x.to(a.dtype), a), b).to(outputs[0].dtype)
-        if len(outputs) == 1:
-            return [outputs[0] + delta]
-        return [y + delta[..., o:o + d] for y, o, d in zip(outputs, self.out_offsets, self.out_features)]
+        h = torch.bmm(x.to(self._pos_A.dtype), self._pos_A[rows])  # [b, t, n*r]: every member's x @ A
+        return [y + torch.bmm(h[..., j * rank:(j + 1) * rank], b[rows]).to(y.dtype)  # [b, t, d_out]
+                for j, (y, b) in enumerate(zip(outputs, self._pos_B))]
 
 
 class LoraSlots:

@@ -1,0 +1,434 @@
+"""Hugging Face checkpoint (Llama, Mistral, Qwen2) -> llama.cpp GGUF, written with gguf-py.
+
+llama.cpp's convert_hf_to_gguf.py is a script of its repository, not part of any wheel, so the
+glue it does for these three architectures lives here: the hyperparameter keys, the tokenizer,
+the tensor names and the Q/K row order. Tensors are streamed one at a time (read, convert,
+write), so a 7B export needs about one tensor of memory, not the whole model.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import gguf
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from convert.llamacpp_check import require_llama_cpp
+from training.errors import ConfigError, LoraplexError
+
+Progress = Callable[[str], None]
+
+
+class UnsupportedModel(LoraplexError):
+    """The checkpoint uses an architecture, tokenizer or RoPE variant this exporter cannot write."""
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    gguf_arch: str
+    """llama.cpp's architecture name, written as general.architecture."""
+    permute_qk: bool
+    """llama.cpp's 'llama' graph rotates adjacent pairs (GPT-J style RoPE), HF's rotate_half rotates
+    the two halves of each head: Q/K rows must be reordered. 'qwen2' runs NEOX RoPE, as HF does."""
+
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": ArchSpec("llama", permute_qk=True),
+    "MistralForCausalLM": ArchSpec("llama", permute_qk=True),  # llama.cpp runs Mistral as 'llama'
+    "Qwen2ForCausalLM": ArchSpec("qwen2", permute_qk=False),
+}
+
+# Written by gguf-py in this process: outtype -> (tensor type of 2-D weights, general.file_type).
+GGUF_PY_TYPES = {
+    "F32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+    "F16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "BF16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "Q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "Q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+}
+# k-quants have no quantizer in gguf-py: F16 first, then llama.cpp's own (its mixes, e.g. Q6_K output).
+LLAMA_CPP_TYPES = {
+    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
+}
+SUPPORTED_OUTTYPES = (*GGUF_PY_TYPES, *LLAMA_CPP_TYPES)
+
+# BPE split regexes as they appear in tokenizer.json -> llama.cpp's tokenizer.ggml.pre name.
+# llama.cpp hard-codes one regex per name, so an unknown regex cannot be exported faithfully.
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2 splits digits one by one
+_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+BPE_PRE_TOKENIZERS = {_LLAMA3_REGEX: "llama-bpe", _QWEN2_REGEX: "qwen2", _GPT2_REGEX: "gpt-2"}
+
+_GLOBAL_TENSORS = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_LAYER_TENSORS = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.o_proj.bias": "attn_output.bias",  # Llama with attention_bias=True
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.gate_proj.bias": "ffn_gate.bias",  # Llama with mlp_bias=True
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.up_proj.bias": "ffn_up.bias",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.down_proj.bias": "ffn_down.bias",
+}
+
+
+def gguf_tensor_name(hf_name: str) -> str | None:
+    """llama.cpp's name for an HF tensor (`model.layers.3.mlp.up_proj.weight` -> `blk.3.ffn_up.weight`)."""
+    if hf_name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[hf_name]
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
+    if match and match[2] in _LAYER_TENSORS:
+        return f"blk.{match[1]}.{_LAYER_TENSORS[match[2]]}"
+    return None
+
+
+def arch_spec(config: dict) -> ArchSpec:
+    """The ArchSpec for a config.json, or UnsupportedModel naming the ones we can export."""
+    arch = (config.get("architectures") or ["<none>"])[0]
+    if arch not in ARCHITECTURES:
+        raise UnsupportedModel(f"architecture {arch} is not supported; supported: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[arch]
+
+
+def permute_for_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder each head's rows from HF's [first half | second half] to llama.cpp's interleaved pairs.
+
+    Row i of the first half and row i of the second half are rotated together by HF; llama.cpp
+    rotates rows 2i and 2i+1, so they must end up adjacent. Works for weights [out, in] and
+    biases [out], and for LoRA B [out, r] (the rotation acts on output rows only).
+    """
+    shape = weight.shape
+    return weight.reshape(n_heads, 2, shape[0] // n_heads // 2, *shape[1:]).transpose(1, 2).reshape(shape)
+
+
+def qk_heads(gguf_name: str, config: dict) -> int | None:
+    """How many heads to permute a tensor by: Q by the query heads, K by the KV heads, others None."""
+    n_heads = config["num_attention_heads"]
+    if ".attn_q." in gguf_name:
+        return n_heads
+    if ".attn_k." in gguf_name:
+        return config.get("num_key_value_heads") or n_heads
+    return None
+
+
+def read_config(model_dir: Path) -> dict:
+    """config.json as a dict (UnsupportedModel when the folder is not an HF checkpoint)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise UnsupportedModel(f"{model_dir} has no config.json: not a Hugging Face checkpoint")
+    return json.loads(path.read_text())
+
+
+def write_gguf(model_dir: Path, out_path: Path, outtype: str = "F16", progress: Progress = print) -> Path:
+    """Write the HF checkpoint in `model_dir` as a GGUF at `out_path` quantized to `outtype`."""
+    model_dir, out_path, outtype = Path(model_dir), Path(out_path), outtype.upper()
+    if outtype not in SUPPORTED_OUTTYPES:
+        raise ConfigError(f"unsupported GGUF type {outtype!r}; supported: {', '.join(SUPPORTED_OUTTYPES)}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if outtype in LLAMA_CPP_TYPES:
+        require_llama_cpp()  # fail before the (long) F16 pass, not after it
+        f16_path = out_path.with_name(out_path.name + ".f16.tmp")
+        try:
+            write_gguf(model_dir, f16_path, "F16", progress)
+            progress(f"llama.cpp quantize F16 -> {outtype}")
+            quantize_with_llama_cpp(f16_path, out_path, outtype)
+        finally:
+            f16_path.unlink(missing_ok=True)
+        return out_path
+
+    config = read_config(model_dir)
+    arch = arch_spec(config)
+    weight_type, file_type = GGUF_PY_TYPES[outtype]
+    writer = gguf.GGUFWriter(path=None, arch=arch.gguf_arch)
+    writer.add_name(model_dir.name)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_hparams(writer, config)
+    _add_tokenizer(writer, model_dir, config["vocab_size"])
+
+    # Two passes so tensors stream: the header needs every name, shape and type before any data.
+    plan = list(_plan_tensors(model_dir, config, weight_type))
+    for name, shape, ggml_type, _ in plan:
+        writer.add_tensor_info(name, shape, np.dtype(np.float32), _nbytes(shape, ggml_type), raw_dtype=ggml_type)
+    writer.write_header_to_file(path=out_path)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for i, (name, shape, ggml_type, load) in enumerate(plan, 1):
+        progress(f"[{i:>4}/{len(plan)}] {name:<28} {str(tuple(shape)):<14} {ggml_type.name}")
+        data = load().numpy()
+        writer.write_tensor_data(data if ggml_type == gguf.GGMLQuantizationType.F32 else _encode(data, ggml_type))
+    writer.close()
+    progress(f"wrote {out_path} ({out_path.stat().st_size / 2**20:.1f} MiB, {outtype})")
+    return out_path
+
+
+def _add_hparams(writer: gguf.GGUFWriter, config: dict) -> None:
+    """The hyperparameter keys llama.cpp's llama/qwen2 loaders read."""
+    n_heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_heads
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(n_heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or n_heads)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config["hidden_size"] // n_heads:  # e.g. Mistral Nemo: heads wider than hidden/n_heads
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+
+    rope = _rope_parameters(config)
+    writer.add_rope_freq_base(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    rope_type = _rope_type(config)
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
+    elif rope_type == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope["factor"])
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    elif rope_type not in ("default", "llama3"):  # llama3 is written as the rope_freqs tensor
+        raise UnsupportedModel(f"RoPE scaling {rope_type!r} is not supported (default, linear, yarn, llama3)")
+
+
+def _rope_parameters(config: dict) -> dict:
+    """RoPE settings: transformers 5 writes `rope_parameters`, older checkpoints `rope_scaling` + `rope_theta`."""
+    return config.get("rope_parameters") or config.get("rope_scaling") or {}
+
+
+def _rope_type(config: dict) -> str:
+    rope = _rope_parameters(config)
+    return rope.get("rope_type", rope.get("type", "default"))
+
+
+def _llama3_rope_factors(config: dict) -> torch.Tensor:
+    """Llama 3.1's per-frequency RoPE divisors, which llama.cpp reads from the rope_freqs tensor."""
+    rope = _rope_parameters(config)
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_ctx = rope.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * math.pi * theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    factors = 1 / ((1 - smooth) / factor + smooth)  # between the two wavelength bounds: interpolate
+    factors = torch.where(wavelen < old_ctx / high, torch.ones_like(factors), factors)
+    return torch.where(wavelen > old_ctx / low, torch.full_like(factors, factor), factors)
+
+
+# ---- tokenizer ------------------------------------------------------------------------------
+
+def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
+    """Byte-level BPE as 'gpt2' + a pre-tokenizer name; SentencePiece-style vocabularies as 'llama'."""
+    tokenizer_json = model_dir / "tokenizer.json"
+    if tokenizer_json.is_file():
+        tok = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+        if tok["model"]["type"] == "BPE" and not tok["model"].get("byte_fallback"):
+            _add_byte_level_bpe(writer, model_dir, tok, vocab_size)
+            return
+        if tok["model"]["type"] == "BPE":  # Llama 2 / Mistral fast tokenizers: SentencePiece BPE, byte fallback
+            _add_sentencepiece(writer, model_dir, *_sentencepiece_from_tokenizer_json(tok), vocab_size)
+            return
+    if (model_dir / "tokenizer.model").is_file():
+        try:  # gguf-py reads tokenizer.model through the optional sentencepiece package
+            pieces = list(zip(*gguf.SentencePieceVocab(model_dir).all_tokens()))
+        except RuntimeError as err:
+            raise UnsupportedModel(f"tokenizer.model needs sentencepiece (pip install sentencepiece): {err}") from err
+        _add_sentencepiece(writer, model_dir, *pieces, vocab_size)
+        return
+    raise UnsupportedModel(f"{model_dir}: no supported tokenizer (byte-level BPE or SentencePiece-style)")
+
+
+def bpe_pre_tokenizer(tok: dict) -> str:
+    """llama.cpp's tokenizer.ggml.pre for a tokenizer.json, read from its split regex.
+
+    Without the right name llama.cpp falls back to a default split and about a third of the
+    strings tokenize differently from Hugging Face.
+    """
+    pre = tok.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre])
+    regexes = [s["pattern"].get("Regex") for s in steps if s.get("type") == "Split"]
+    if not regexes and any(s.get("type") == "ByteLevel" and s.get("use_regex", True) for s in steps):
+        return "gpt-2"  # ByteLevel with its built-in regex is GPT-2's split
+    if len(regexes) == 1 and regexes[0] in BPE_PRE_TOKENIZERS:
+        return BPE_PRE_TOKENIZERS[regexes[0]]
+    raise UnsupportedModel(
+        f"unrecognized BPE pre-tokenizer {regexes}; supported: {', '.join(sorted(set(BPE_PRE_TOKENIZERS.values())))}"
+    )
+
+
+def _add_byte_level_bpe(writer: gguf.GGUFWriter, model_dir: Path, tok: dict, vocab_size: int) -> None:
+    """tokens, types and merges of a byte-level BPE (Llama 3, Qwen2, GPT-2, ours)."""
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]  # config vocab may be padded past the tokenizer's
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for text, token_id in tok["model"]["vocab"].items():
+        tokens[token_id], types[token_id] = text, gguf.TokenType.NORMAL
+    for added in tok.get("added_tokens", []):
+        # special tokens are never produced from text (CONTROL); other added tokens are matched whole
+        kind = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
+        tokens[added["id"]], types[added["id"]] = added["content"], kind
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(bpe_pre_tokenizer(tok))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(model_dir, load_merges=True).add_to_gguf(writer, quiet=True)  # merges, bos/eos, add_bos
+
+
+def _sentencepiece_from_tokenizer_json(tok: dict) -> tuple[list[bytes], list[float], list[int]]:
+    """tokens, scores and types of a byte-fallback BPE, scored so llama.cpp merges in HF's order.
+
+    llama.cpp's SentencePiece tokenizer merges the adjacent pair whose result scores highest;
+    Hugging Face applies the lowest-ranked merge first. Score = -rank makes the two agree.
+    """
+    model = tok["model"]
+    merge_rank: dict[str, int] = {}
+    for rank, merge in enumerate(model.get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        merge_rank.setdefault(left + right, rank)
+    entries = {token_id: (text, None) for text, token_id in model["vocab"].items()}
+    entries.update({added["id"]: (added["content"], added["special"]) for added in tok.get("added_tokens", [])})
+    tokens, scores, types = [], [], []
+    for token_id in range(max(entries) + 1):
+        text, special = entries.get(token_id, (f"[PAD{token_id}]", None))
+        tokens.append(text.encode("utf-8"))
+        scores.append(float(-merge_rank.get(text, 0)))
+        types.append(_sentencepiece_type(text, special, token_id in entries, model.get("unk_token")))
+    return tokens, scores, types
+
+
+def _sentencepiece_type(text: str, special: bool | None, known: bool, unk: str | None) -> int:
+    """llama.cpp's token type; BYTE matters: byte fallback and detokenizing <0xNN> depend on it."""
+    if not known:
+        return gguf.TokenType.UNUSED
+    if text == unk:
+        return gguf.TokenType.UNKNOWN
+    if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+        return gguf.TokenType.BYTE
+    if special is None:  # in the BPE vocabulary, not an added token
+        return gguf.TokenType.NORMAL
+    return gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
+
+
+def _add_sentencepiece(
+    writer: gguf.GGUFWriter, model_dir: Path, tokens: list[bytes], scores: list[float], types: list[int],
+    vocab_size: int,
+) -> None:
+    """A SentencePiece-style vocabulary as llama.cpp tokenizer model 'llama', padded to the config's size."""
+    pad = range(len(tokens), vocab_size)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([*tokens, *(f"[PAD{i}]".encode() for i in pad)])
+    writer.add_token_scores([*scores, *(-1000.0 for _ in pad)])
+    writer.add_token_types([*types, *(gguf.TokenType.UNUSED for _ in pad)])
+    gguf.SpecialVocab(model_dir, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+
+
+# ---- tensors --------------------------------------------------------------------------------
+
+def _plan_tensors(
+    model_dir: Path, config: dict, weight_type: gguf.GGMLQuantizationType
+) -> Iterator[tuple[str, list[int], gguf.GGMLQuantizationType, Callable[[], torch.Tensor]]]:
+    """(gguf name, shape, tensor type, loader) for every tensor, without reading any data yet."""
+    arch = arch_spec(config)
+    tied = config.get("tie_word_embeddings", False)
+    for file in _weight_files(model_dir):
+        with safe_open(file, framework="pt") as f:
+            for hf_name in f.keys():
+                if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
+                    continue  # recomputed by llama.cpp / the same tensor as token_embd
+                name = gguf_tensor_name(hf_name)
+                if name is None:
+                    raise UnsupportedModel(f"tensor {hf_name} has no llama.cpp counterpart")
+                shape = list(f.get_slice(hf_name).get_shape())
+                heads = qk_heads(name, config) if arch.permute_qk else None
+                yield name, shape, _tensor_type(name, shape, weight_type), _loader(file, hf_name, heads)
+    if _rope_type(config) == "llama3":
+        factors = _llama3_rope_factors(config)
+        yield "rope_freqs.weight", list(factors.shape), gguf.GGMLQuantizationType.F32, lambda: factors
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's safetensors files: the shards its index names, else model.safetensors.
+
+    Not a glob: Mistral repos also ship consolidated.safetensors, the same weights under other names.
+    """
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return [model_dir / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if not (model_dir / "model.safetensors").is_file():
+        raise UnsupportedModel(f"{model_dir} has no model.safetensors (or model.safetensors.index.json)")
+    return [model_dir / "model.safetensors"]
+
+
+def _loader(file: Path, hf_name: str, rope_heads: int | None) -> Callable[[], torch.Tensor]:
+    """Reads one tensor as float32 (bf16 has no numpy dtype), Q/K rows reordered for llama.cpp."""
+
+    def load() -> torch.Tensor:
+        with safe_open(file, framework="pt") as f:
+            data = f.get_tensor(hf_name).float()
+        return permute_for_rope(data, rope_heads) if rope_heads else data
+
+    return load
+
+
+def _tensor_type(name: str, shape: list[int], weight_type: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    """Per-tensor type: norms and biases stay F32 (llama.cpp adds them in F32, and they are tiny)."""
+    if len(shape) == 1:
+        return gguf.GGMLQuantizationType.F32
+    if weight_type == gguf.GGMLQuantizationType.Q4_0 and name == "output.weight":
+        # the output projection is the most quantization-sensitive tensor; llama.cpp keeps it wider too
+        weight_type = gguf.GGMLQuantizationType.Q8_0
+    block_size, _ = gguf.GGML_QUANT_SIZES[weight_type]
+    if shape[-1] % block_size:  # rows must split into whole blocks
+        return gguf.GGMLQuantizationType.F16
+    return weight_type
+
+
+def _nbytes(shape: list[int], ggml_type: gguf.GGMLQuantizationType) -> int:
+    block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
+    return math.prod(shape) // block_size * type_size
+
+
+def _encode(data: np.ndarray, ggml_type: gguf.GGMLQuantizationType) -> np.ndarray:
+    if ggml_type == gguf.GGMLQuantizationType.F16:
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data, ggml_type)
+
+
+def quantize_with_llama_cpp(f16_path: Path, out_path: Path, outtype: str) -> Path:
+    """Re-quantize an F16 GGUF with llama.cpp's quantizer (k-quants and their per-tensor mixes)."""
+    llama_cpp = require_llama_cpp()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_CPP_TYPES[outtype])
+    params.nthread = os.cpu_count() or 1
+    status = llama_cpp.llama_model_quantize(str(f16_path).encode(), str(out_path).encode(), ctypes.byref(params))
+    if status != 0:
+        raise LoraplexError(f"llama.cpp quantize to {outtype} failed (status {status})")
+    return out_path

@@ -1,0 +1,130 @@
+"""Merge a PEFT LoRA adapter into a dense (FP16/BF16) copy of the base, never into 4-bit weights.
+
+Merging into NF4 and quantizing again rounds twice. We reload the base dense and merge there.
+`nf4-dequant` is the other honest target: the dequantized NF4 weights are exactly the function
+the adapter was trained against (QLoRA), so it can fit the adapter better than the original
+FP16 weights; the verify report says which target wins for a given adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from training.errors import BaseMismatch, DataError, LoraplexError
+from training.manifest import MANIFEST_NAME, base_fingerprint, check_same_base, read_manifest
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+MERGE_TARGETS = ("fp16", "nf4-dequant")
+
+
+class MergeCheckFailed(LoraplexError):
+    """A merged weight is not base + scaling * B @ A."""
+
+
+def check_adapter_matches_base(base_dir: Path, adapter_dir: Path, force: bool = False,
+                               progress: Callable[[str], None] = print) -> None:
+    """The adapter's manifest must name this base; `force` turns a mismatch into a warning."""
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise DataError(f"not a PEFT adapter folder (no adapter_config.json): {adapter_dir}")
+    if not (adapter_dir / MANIFEST_NAME).is_file():
+        progress(f"warning: {adapter_dir} has no {MANIFEST_NAME}; its base cannot be checked")
+        return
+    try:
+        check_same_base(base_fingerprint(base_dir), read_manifest(adapter_dir)["base_fingerprint"],
+                        f"adapter {adapter_dir}")
+    except BaseMismatch as exc:
+        if not force:
+            raise BaseMismatch(f"{exc} (--force merges anyway)") from None
+        progress(f"warning: {exc}; merging anyway (--force)")
+
+
+def load_merge_base(base_dir: Path, dtype: torch.dtype, merge_into: str):
+    """The dense base to merge into: its FP16/BF16 weights, or its NF4 weights dequantized."""
+    from training.quant import load_dense_base
+
+    if merge_into not in MERGE_TARGETS:
+        raise DataError(f"unknown merge target {merge_into!r}: use one of {', '.join(MERGE_TARGETS)}")
+    model = load_dense_base(base_dir, dtype, "cpu")
+    if merge_into == "nf4-dequant":
+        _replace_with_dequantized_nf4(model, base_dir)
+    return model
+
+
+@torch.no_grad()
+def _replace_with_dequantized_nf4(model, base_dir: Path) -> None:
+    import bitsandbytes.functional as bnbf
+    from bitsandbytes.nn import Linear4bit
+
+    from training.quant import load_nf4_base
+
+    nf4 = load_nf4_base(base_dir, "cpu")
+    dense = dict(model.named_modules())
+    for name, module in nf4.named_modules():
+        if isinstance(module, Linear4bit):
+            weight = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            target = dense[name].weight
+            target.copy_(weight.to(target.dtype).view_as(target))
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path, dtype: str = "fp16", merge_into: str = "fp16",
+                  progress: Callable[[str], None] = print):
+    """PEFT merge_and_unload on the dense base, then prove each merged weight is W + s*B@A."""
+    from peft import PeftModel
+
+    model = load_merge_base(base_dir, DTYPES[dtype], merge_into)
+    progress(f"merge: loading adapter {adapter_dir}")
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    except (RuntimeError, ValueError, KeyError) as exc:  # shape or module mismatch: another architecture
+        raise DataError(f"adapter {adapter_dir} does not fit base {base_dir}: {str(exc).splitlines()[0]}") from None
+    expected = _expected_merged_weights(peft_model)
+    merged = peft_model.merge_and_unload()
+    check_merged_weights(merged, expected)
+    progress(f"merge: {len(expected)} layers merged into {merge_into} weights ({dtype}), each checked = W + s*B@A")
+    return merged
+
+
+@torch.no_grad()
+def _expected_merged_weights(peft_model) -> dict[str, torch.Tensor]:
+    """W + scaling * B @ A in fp32 for every adapted linear, computed before PEFT merges."""
+    expected = {}
+    for name, module in peft_model.named_modules():
+        if not hasattr(module, "lora_A") or "default" not in getattr(module, "lora_A", {}):
+            continue
+        a = module.lora_A["default"].weight.float()
+        b = module.lora_B["default"].weight.float()
+        w = module.base_layer.weight.float()
+        delta = module.scaling["default"] * (b @ a)
+        if getattr(module, "fan_in_fan_out", False):
+            delta = delta.T
+        expected[name.removeprefix("base_model.model.")] = w + delta
+    if not expected:
+        raise DataError("the adapter targets no layer of this base")
+    return expected
+
+
+@torch.no_grad()
+def check_merged_weights(merged, expected: dict[str, torch.Tensor]) -> None:
+    """Every merged weight equals its fp32 expectation up to one rounding to the model dtype."""
+    modules = dict(merged.named_modules())
+    for name, want in expected.items():
+        got = modules[name].weight
+        eps = torch.finfo(got.dtype).eps
+        tolerance = eps * want.abs().max().item() + eps  # one rounding step at the largest magnitude
+        error = (got.float() - want).abs().max().item()
+        if error > tolerance:
+            raise MergeCheckFailed(f"{name}: merged weight differs from W + s*B@A by {error:.3g} "
+                                   f"(tolerance {tolerance:.3g})")
+
+
+def save_hf(model, tokenizer, out_dir: Path, provenance: dict) -> Path:
+    """safetensors + config + tokenizer, and where the weights came from."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    (out_dir / "loraplex_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    return out_dir

@@ -1,0 +1,139 @@
+"""The stages `convert` runs, each a plain function: merge, export, verify."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from convert.verify import GGUFModel, HFModel, compare, eval_sequences, mean_completion_loss, write_report
+from training.errors import DataError
+
+
+def merge_to_hf(base: Path, adapter: Path | None, out_dir: Path, dtype: str, merge_into: str,
+                force: bool = False) -> Path:
+    """The merged (or plain) dense model as a HF folder: the input of every exporter."""
+    from transformers import AutoTokenizer
+
+    from convert.merge import DTYPES, check_adapter_matches_base, load_merge_base, merge_adapter, save_hf
+    from training.manifest import base_fingerprint
+
+    provenance = {"base": str(base), "base_fingerprint": base_fingerprint(base), "dtype": dtype,
+                  "merge_into": merge_into if adapter else None, "adapter": str(adapter) if adapter else None}
+    if adapter is not None:
+        check_adapter_matches_base(base, adapter, force)
+        model = merge_adapter(base, adapter, dtype, merge_into)
+    else:
+        model = load_merge_base(base, DTYPES[dtype], merge_into)
+    return save_hf(model, AutoTokenizer.from_pretrained(str(base)), out_dir, provenance)
+
+
+def export_gguf(merged_dir: Path, out: Path, quant: str) -> Path:
+    from convert.gguf_export import write_gguf
+
+    return write_gguf(merged_dir, out, quant)
+
+
+def export_gguf_lora(base: Path, adapter: Path, out: Path, force: bool = False) -> Path:
+    from convert.gguf_lora import write_gguf_lora
+    from convert.merge import check_adapter_matches_base
+
+    check_adapter_matches_base(base, adapter, force)
+    return write_gguf_lora(base, adapter, out)
+
+
+def export_awq(merged_dir: Path, out: Path, calib_data: str, calib_rows: int, bits: int, group_size: int) -> Path:
+    from convert.awq_export import export_awq as run_awq
+    from training.data import load_jsonl
+
+    rows = load_jsonl(calib_data)[:calib_rows]
+    texts = [row.get("text") or (row.get("prompt", "") + row.get("completion", "")) for row in rows]
+    return run_awq(merged_dir, out, texts, bits=bits, group_size=group_size)
+
+
+def _hf_reference(name: str, folder: Path) -> HFModel:
+    """fp32 on CPU: the exported weights as they are, computed without extra rounding."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    return HFModel(name, model, AutoTokenizer.from_pretrained(str(folder)))
+
+
+def _candidate(fmt: str, out: Path):
+    if fmt == "hf":
+        return _hf_reference(f"hf {out.name}", out)
+    if fmt == "gguf":
+        return GGUFModel(out)
+    if fmt == "awq":
+        from transformers import AutoTokenizer
+
+        from convert.awq_export import load_awq_for_check
+
+        return HFModel(f"awq {out.name}", load_awq_for_check(out), AutoTokenizer.from_pretrained(str(out)))
+    raise DataError(f"unknown format {fmt!r}")
+
+
+def _sequences(cfg, tokenizer):
+    from training.data import load_jsonl
+
+    rows = load_jsonl(cfg.eval_data)[: cfg.verify_rows] if cfg.eval_data else None
+    return eval_sequences(tokenizer, rows)
+
+
+def verify_export(cfg, base: Path, adapter: Path | None, merged_dir: Path, out: Path, scratch: Path) -> bool:
+    reference = _hf_reference("merged fp16", merged_dir)
+    sequences = _sequences(cfg, reference.tokenizer)
+    comparisons = [compare(reference, _candidate(cfg.format, out), sequences)]
+    report = {"artifact": str(out), "format": cfg.format, "quant": getattr(cfg, "quant", None),
+              "base": str(base), "adapter": str(adapter) if adapter else None, "comparisons": comparisons,
+              "min_agreement": cfg.min_agreement}
+    if adapter is not None and cfg.eval_data:
+        report["merge_targets"] = compare_merge_targets(base, adapter, merged_dir, cfg, sequences, scratch)
+        report["adapter_on_bf16_base_exact_match"] = adapter_exact_match(base, adapter, sequences)
+    report["passed"] = all(c.top1_agreement >= cfg.min_agreement for c in comparisons)
+    json_path, md_path = write_report(report, out if out.suffix else out / "export")
+    print(md_path.read_text())
+    print(f"[convert] report: {json_path}")
+    return report["passed"]
+
+
+def compare_merge_targets(base: Path, adapter: Path, merged_dir: Path, cfg, sequences, scratch: Path) -> dict:
+    """Eval loss of the FP16 merge and of the merge into dequantized NF4 weights."""
+    other = "nf4-dequant" if cfg.merge_into == "fp16" else "fp16"
+    other_dir = merge_to_hf(base, adapter, scratch / f"merged-{other}", cfg.dtype, other, force=True)
+    losses = {cfg.merge_into: mean_completion_loss(_hf_reference(cfg.merge_into, merged_dir), sequences),
+              other: mean_completion_loss(_hf_reference(other, other_dir), sequences)}
+    return {"eval_loss": losses, "better": min(losses, key=losses.get)}
+
+
+def adapter_exact_match(base: Path, adapter: Path, sequences) -> float:
+    """The bar's yardstick: the adapter as PEFT runs it on the bf16 base."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from convert.verify import exact_match_rate
+    from training.quant import load_dense_base
+
+    model = PeftModel.from_pretrained(load_dense_base(base, torch.bfloat16, "cpu"), str(adapter))
+    runner = HFModel("adapter on bf16 base", model, AutoTokenizer.from_pretrained(str(base)))
+    pairs = [(p, c) for p, c, _, _ in sequences if c]
+    return exact_match_rate(runner, pairs, 24)
+
+
+def verify_gguf_lora(cfg, base: Path, adapter: Path, lora_gguf: Path, scratch: Path) -> bool:
+    """Base GGUF F16 + the GGUF LoRA in llama.cpp against the HF merge of the same adapter."""
+    merged_dir = merge_to_hf(base, adapter, scratch / "merged", "fp16", "fp16", force=True)
+    base_gguf = export_gguf(merge_to_hf(base, None, scratch / "base", "fp16", "fp16"), scratch / "base.gguf", "F16")
+    reference = _hf_reference("merged fp16", merged_dir)
+    sequences = _sequences(cfg, reference.tokenizer)
+    comparisons = [compare(reference, GGUFModel(base_gguf, lora_path=lora_gguf), sequences),
+                   compare(reference, GGUFModel(export_gguf(merged_dir, scratch / "merged.gguf", "F16")), sequences)]
+    report = {"artifact": str(lora_gguf), "format": "gguf-lora", "base": str(base), "adapter": str(adapter),
+              "comparisons": comparisons, "min_agreement": cfg.min_agreement,
+              "passed": comparisons[0].top1_agreement >= cfg.min_agreement}
+    if comparisons[0].exact_match is not None:  # the LoRA at runtime vs the same adapter merged
+        report["lora_vs_merged_exact_match_points"] = 100 * (comparisons[0].exact_match - comparisons[1].exact_match)
+    json_path, md_path = write_report(report, lora_gguf)
+    print(md_path.read_text())
+    print(f"[convert] report: {json_path}")
+    return report["passed"]
