@@ -15,6 +15,10 @@ from pathlib import Path
 from training.errors import ConfigError, LoraplexError
 
 GGUF_QUANTS = ("F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")
+# Top-1 agreement over every position (prompt tokens too, where even the FP16 model is unsure):
+# 4-bit formats flip near-ties there while exact match stays put, so their floor is lower.
+DEFAULT_MIN_AGREEMENT = {"hf": 0.99, "F16": 0.99, "BF16": 0.97, "Q8_0": 0.97, "Q6_K": 0.95, "Q5_K_M": 0.92,
+                         "Q4_K_M": 0.85, "Q4_0": 0.85, "awq": 0.85, "gguf-lora": 0.99}
 
 
 def _opt(help: str, choices=None):
@@ -26,7 +30,14 @@ class VerifyOptions:
     verify: bool = field(default=True, metadata=_opt("compare the export with the merged FP16 model (default on)"))
     eval_data: str | None = field(default=None, metadata=_opt("JSONL {prompt, completion}: exact match + eval loss"))
     verify_rows: int = field(default=100, metadata=_opt("eval rows used by verify"))
-    min_agreement: float = field(default=0.9, metadata=_opt("fail (exit 1) below this top-1 agreement"))
+    min_agreement: float | None = field(default=None, metadata=_opt(
+        "fail (exit 1) below this top-1 agreement; default by precision (see DEFAULT_MIN_AGREEMENT)"))
+
+    def agreement_floor(self) -> float:
+        if self.min_agreement is not None:
+            return self.min_agreement
+        key = getattr(self, "quant", "F16") if getattr(self, "format", "") == "gguf" else getattr(self, "format", "")
+        return DEFAULT_MIN_AGREEMENT.get(key, 0.99)
 
 
 @dataclass(frozen=True)

@@ -86,11 +86,11 @@ def verify_export(cfg, base: Path, adapter: Path | None, merged_dir: Path, out: 
     comparisons = [compare(reference, _candidate(cfg.format, out), sequences)]
     report = {"artifact": str(out), "format": cfg.format, "quant": getattr(cfg, "quant", None),
               "base": str(base), "adapter": str(adapter) if adapter else None, "comparisons": comparisons,
-              "min_agreement": cfg.min_agreement}
+              "min_agreement": cfg.agreement_floor()}
     if adapter is not None and cfg.eval_data:
         report["merge_targets"] = compare_merge_targets(base, adapter, merged_dir, cfg, sequences, scratch)
         report["adapter_on_bf16_base_exact_match"] = adapter_exact_match(base, adapter, sequences)
-    report["passed"] = all(c.top1_agreement >= cfg.min_agreement for c in comparisons)
+    report["passed"] = all(c.top1_agreement >= cfg.agreement_floor() for c in comparisons)
     json_path, md_path = write_report(report, out if out.suffix else out / "export")
     print(md_path.read_text())
     print(f"[convert] report: {json_path}")
@@ -129,8 +129,8 @@ def verify_gguf_lora(cfg, base: Path, adapter: Path, lora_gguf: Path, scratch: P
     comparisons = [compare(reference, GGUFModel(base_gguf, lora_path=lora_gguf), sequences),
                    compare(reference, GGUFModel(export_gguf(merged_dir, scratch / "merged.gguf", "F16")), sequences)]
     report = {"artifact": str(lora_gguf), "format": "gguf-lora", "base": str(base), "adapter": str(adapter),
-              "comparisons": comparisons, "min_agreement": cfg.min_agreement,
-              "passed": comparisons[0].top1_agreement >= cfg.min_agreement}
+              "comparisons": comparisons, "min_agreement": cfg.agreement_floor(),
+              "passed": comparisons[0].top1_agreement >= cfg.agreement_floor()}
     if comparisons[0].exact_match is not None:  # the LoRA at runtime vs the same adapter merged
         report["lora_vs_merged_exact_match_points"] = 100 * (comparisons[0].exact_match - comparisons[1].exact_match)
     json_path, md_path = write_report(report, lora_gguf)

@@ -80,7 +80,12 @@ def describe_optimizer(trainer) -> dict:
     return {"class": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
             "paged": bool(getattr(optimizer, "is_paged", False)),
             "paged_state_tensors": sum(bool(getattr(t, "is_paged", False)) for t in states),
-            "state_device": states[0].device.type if states else None}
+            "state_device": max((_state_device(t) for t in states), default=None, key=lambda d: d == "cuda")}
+
+
+def _state_device(tensor: torch.Tensor) -> str:
+    # a paged tensor is a CPU view of CUDA managed memory; bitsandbytes records its GPU
+    return "cuda" if getattr(tensor, "is_paged", False) else tensor.device.type
 
 
 def build_qlora_model(base_dir: Path, cfg: TrainConfig):
