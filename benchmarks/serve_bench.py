@@ -105,11 +105,12 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--naive-requests", type=int, default=16, help="(b) is slow: fewer requests, same per-request work")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--quantization", default="nf4", choices=["nf4", "bf16"])
+    parser.add_argument("--quantization", default="nf4", choices=["nf4", "bf16", "awq"])
+    parser.add_argument("--engine", default="torch", choices=["torch", "vllm"], help="(a) and (c) run on this engine")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve.json"))
     args = parser.parse_args()
 
-    from serving.engine.engine import Engine, EngineConfig
+    from serving.engine.engine import EngineConfig, create_engine
     from training.base import ensure_base
     from training.random_adapter import make_random_adapter
 
@@ -119,8 +120,8 @@ def main() -> int:
                     for i in range(args.adapters)}
     ids = list(adapter_dirs)
     jobs = [(PROMPTS[i % len(PROMPTS)], ids[i % len(ids)]) for i in range(args.requests)]
-    engine = Engine(EngineConfig(base_model=str(base_dir), adapters=str(store), max_batch=args.clients,
-                                 max_loras=args.adapters, quantization=args.quantization))
+    engine = create_engine(EngineConfig(base_model=str(base_dir), adapters=str(store), max_batch=args.clients,
+                                        max_loras=args.adapters, quantization=args.quantization, engine=args.engine))
     run_engine(engine, jobs[: args.clients], args.clients, 4, "warm-up")  # loads every adapter once
     base = run_engine(engine, [(p, "") for p, _ in jobs], args.clients, args.max_tokens, "base alone")
     ours = run_engine(engine, jobs, args.clients, args.max_tokens, "loraplex")
@@ -130,7 +131,7 @@ def main() -> int:
     naive = run_naive_peft(base_dir, adapter_dirs, jobs[: args.naive_requests], args.max_tokens)
     results = [base, naive, ours]
     print(f"\n{args.clients} clients over {args.adapters} adapters, {args.max_tokens} new tokens, "
-          f"{args.quantization} base {base_dir}")
+          f"{args.quantization} base {base_dir}, {args.engine} engine")
     print(f"{'mode':<22}{'requests':>9}{'tokens/s':>10}{'p50 s':>8}{'p99 s':>8}")
     for r in results:
         print(f"{r['mode']:<22}{r['requests']:>9}{r['tokens_per_s']:>10.1f}{r['p50_s']:>8.2f}{r['p99_s']:>8.2f}")

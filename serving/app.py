@@ -349,6 +349,9 @@ def build_app(args: dict | None = None):
         from training.demo import ADAPTERS_DIR
 
         args["adapters"] = str(ADAPTERS_DIR)
-    engine_config = asdict(EngineConfig(**args))
-    server = ModelServer.options(num_replicas=replicas).bind(engine_config)
+    config = EngineConfig(**args)
+    # Ray hides GPUs from actors that did not ask for one: vLLM, or the torch engine on cuda, asks.
+    gpus = 1 if config.engine == "vllm" or config.device == "cuda" else 0
+    server = ModelServer.options(num_replicas=replicas, ray_actor_options={"num_cpus": 0, "num_gpus": gpus})
+    server = server.bind(asdict(config))
     return Router.bind(server, metrics_port)

@@ -135,6 +135,21 @@ class _Request:
     cancelled: bool = False
 
 
+def checked_request(engine, prompt: str | list[int], adapter_id: str,
+                    params: SamplingParams | None) -> tuple[list[int], SamplingParams]:
+    """The checks every engine runs before queueing: adapter ID, prompt, sampling, context."""
+    params = params or SamplingParams()
+    if adapter_id:
+        validate_adapter_id(adapter_id)
+    prompt_ids = prompt if isinstance(prompt, list) else engine.encode(prompt)
+    if params.max_tokens is None:
+        room = min(engine.config.max_new_tokens, engine.max_seq - len(prompt_ids))
+        params = dataclasses.replace(params, max_tokens=max(room, 1))
+    params.validate(engine.config.max_new_tokens)
+    engine.check_fits(len(prompt_ids), params.max_tokens)
+    return prompt_ids, params
+
+
 def create_engine(config: EngineConfig, metrics=None):
     """The engine the config names; both have the same surface (submit, store, stats, shutdown)."""
     if config.engine == "vllm":
@@ -217,15 +232,7 @@ class Engine:
     def submit(self, prompt: str | list[int], adapter_id: str = "", params: SamplingParams | None = None,
                request_id: str | None = None, timeout: float | None = None) -> RequestStream:
         """Queue a request; errors in the request itself raise here, before anything runs."""
-        params = params or SamplingParams()
-        if adapter_id:
-            validate_adapter_id(adapter_id)
-        prompt_ids = prompt if isinstance(prompt, list) else self.encode(prompt)
-        if params.max_tokens is None:
-            room = min(self.config.max_new_tokens, self.max_seq - len(prompt_ids))
-            params = dataclasses.replace(params, max_tokens=max(room, 1))
-        params.validate(self.config.max_new_tokens)
-        self.check_fits(len(prompt_ids), params.max_tokens)
+        prompt_ids, params = checked_request(self, prompt, adapter_id, params)
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(self, request_id, adapter_id)
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from serving.engine.engine import Engine, EngineConfig, RequestStream, StreamEvent
+from serving.engine.engine import Engine, EngineConfig, RequestStream, StreamEvent, checked_request
 from serving.engine.sampling import SamplingParams
 from serving.engine.store import ADAPTER_FILES, AdapterStore, SlotLease
 from serving.errors import (
@@ -417,15 +417,7 @@ class VLLMEngine:
     def submit(self, prompt: str | list[int], adapter_id: str = "", params: SamplingParams | None = None,
                request_id: str | None = None, timeout: float | None = None) -> RequestStream:
         """Queue a request; errors in the request itself raise here, before anything runs."""
-        params = params or SamplingParams()
-        if adapter_id:
-            validate_adapter_id(adapter_id)
-        prompt_ids = prompt if isinstance(prompt, list) else self.encode(prompt)
-        if params.max_tokens is None:
-            room = min(self.config.max_new_tokens, self.max_seq - len(prompt_ids))
-            params = dataclasses.replace(params, max_tokens=max(room, 1))
-        params.validate(self.config.max_new_tokens)
-        self.check_fits(len(prompt_ids), params.max_tokens)
+        prompt_ids, params = checked_request(self, prompt, adapter_id, params)
         sampling = self._vllm_sampling(params)
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(self, request_id, adapter_id)
