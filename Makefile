@@ -17,7 +17,9 @@ $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q -c constraints/cpu.txt -e '.[dev]'
+	# no wheel cache: pip's cache key ignores CMAKE_ARGS, and a native build would be reused
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q --no-cache-dir -c constraints/cpu.txt 'llama-cpp-python>=0.3.16'
+	$(PIP) install -q -c constraints/cpu.txt -e '.[dev]'
 	$(PY) -m loraplex.protos
 	touch $@
 

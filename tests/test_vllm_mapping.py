@@ -313,3 +313,23 @@ def test_unknown_bad_and_refused_adapters_raise_the_torch_engines_errors(vllm_st
     assert list(s.store._free) == free_before and list(s.snapshots.iterdir()) == []
     s.llm.refuse = None
     s.store.release(s.store.acquire("acme"))  # the refusal left nothing behind
+
+
+def test_every_translated_argument_exists_in_the_installed_vllm(tmp_path):
+    """Where vllm is installed (GPU boxes), the arguments we build must be real fields of its classes."""
+    vllm = pytest.importorskip("vllm", reason="vllm is not installed (the check runs where loraplex[vllm] is)")
+    import dataclasses
+    import inspect
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.lora.request import LoRARequest
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    engine_fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    assert set(engine_args_kwargs(EngineConfig(), tmp_path)) <= engine_fields
+    sampling_fields = set(vllm.SamplingParams.__struct_fields__)  # msgspec Structs in 0.33
+    assert set(sampling_kwargs(SamplingParams(max_tokens=4, stop=("x",)))) <= sampling_fields
+    assert {"lora_name", "lora_int_id", "lora_path"} <= set(LoRARequest.__struct_fields__)
+    for method in ("from_engine_args", "generate", "abort", "add_lora", "remove_lora", "pin_lora", "shutdown"):
+        assert callable(getattr(AsyncLLM, method)), method
+    assert "lora_request" in inspect.signature(AsyncLLM.generate).parameters
