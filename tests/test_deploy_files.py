@@ -1,0 +1,89 @@
+"""deploy/: every config parses, names only what exists, and carries what its consumer requires."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from serving.metrics import DEFINITIONS
+from tests.conftest import REPO
+
+DEPLOY = REPO / "deploy"
+pytest.importorskip("ray", reason="Ray Serve is part of the dev setup (make test)")
+
+
+def app_args_are_accepted(app: dict) -> None:
+    """The app builder itself validates its args (unknown keys raise); build without starting Ray."""
+    from serving.app import build_app
+
+    assert app["import_path"] == "serving.app:build_app"
+    build_app(dict(app.get("args") or {}))
+
+
+@pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config_vllm.yaml"])
+def test_serve_configs_name_real_servicers_and_valid_app_args(name):
+    config = yaml.safe_load((DEPLOY / name).read_text())
+    assert config["grpc_options"]["grpc_servicer_functions"] == ["serving.grpc_servicer.add_servicer_to_server"]
+    from serving.grpc_servicer import add_servicer_to_server  # noqa: F401  the proxy imports it by name
+
+    for app in config["applications"]:
+        app_args_are_accepted(app)
+
+
+def test_rayservice_carries_what_kuberay_requires():
+    service = yaml.safe_load((DEPLOY / "kuberay" / "rayservice.yaml").read_text())
+    assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService" and service["metadata"]["name"]
+    serve = yaml.safe_load(service["spec"]["serveConfigV2"])
+    (app,) = serve["applications"]
+    app_args_are_accepted(app)
+    (deployment,) = app["deployments"]
+    from serving.app import ModelServer
+
+    assert deployment["name"] == ModelServer.name  # overrides must name a real deployment
+    scaling = deployment["autoscaling_config"]
+    assert 1 <= scaling["min_replicas"] < scaling["max_replicas"] and scaling["target_ongoing_requests"] > 0
+
+    cluster = service["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]
+    assert all(isinstance(v, str) for v in head["rayStartParams"].values())  # KubeRay wants strings
+    (container,) = head["template"]["spec"]["containers"]
+    assert container["image"] and container["resources"]["requests"] and container["resources"]["limits"]
+    assert container["readinessProbe"]["grpc"]["port"] == serve["grpc_options"]["port"]
+    for group in cluster["workerGroupSpecs"]:
+        assert group["groupName"] and group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        assert isinstance(group["rayStartParams"], dict)
+        worker = group["template"]["spec"]["containers"][0]
+        assert worker["image"] and worker["resources"]["requests"]
+
+
+def test_prometheus_scrapes_the_ray_metrics_port():
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    serve_port = yaml.safe_load((DEPLOY / "serve_config.yaml").read_text())["applications"][0]["args"]["metrics_port"]
+    targets = [t for job in config["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]]
+    assert targets and all(t.endswith(f":{serve_port}") for t in targets)
+
+
+def test_grafana_dashboard_covers_every_per_adapter_metric_and_names_only_real_ones():
+    dashboard = json.loads((DEPLOY / "grafana" / "loraplex-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {m for e in exprs for m in re.findall(r"ray_(loraplex_\w+)", e)}
+    known = set()
+    for name, (kind, *_rest) in DEFINITIONS.items():
+        known |= {name} | ({f"{name}_bucket", f"{name}_sum", f"{name}_count"} if kind == "histogram" else set())
+    assert used <= known, used - known
+    per_adapter = {name for name, (_, _, labels, _) in DEFINITIONS.items() if "adapter" in labels}
+    covered = {m.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count") for m in used}
+    assert per_adapter <= covered, per_adapter - covered
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cuda"])
+def test_dockerfiles_copy_what_exists_and_serve(name):
+    lines = (DEPLOY / name).read_text().splitlines()
+    copies = [line.split()[1:-1] for line in lines if line.startswith("COPY ")]
+    assert copies and all((REPO / src).exists() for sources in copies for src in sources)
+    assert {"8000", "9000"} <= {p for line in lines if line.startswith("EXPOSE") for p in line.split()[1:]}
+    (cmd,) = [line for line in lines if line.startswith("CMD ")]
+    assert json.loads(cmd[4:])[:2] == ["loraplex", "serve"]
