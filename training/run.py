@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import sys
@@ -110,7 +111,12 @@ def build_qlora_model(base_dir: Path, cfg: TrainConfig):
         raise ConfigError(f"LoRA target modules: {exc}") from None
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, in_worker: bool = False) -> dict:
+    """The whole recipe. With workers > 1 it runs in each Ray Train worker; rank 0 writes."""
+    if cfg.workers > 1 and not in_worker:
+        from training.distributed import train_data_parallel
+
+        return train_data_parallel(cfg)
     from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
 
     from training.data import CompletionCollator, encode_example, load_jsonl
@@ -125,8 +131,10 @@ def train(cfg: TrainConfig) -> dict:
     fingerprint = base_fingerprint(base_dir)
     resume_from = check_resume(cfg, output, fingerprint)
 
+    rank_zero = int(os.environ.get("RANK", "0")) == 0  # set in Ray Train workers
     output.mkdir(parents=True, exist_ok=True)
-    (output / RUN_STATE).write_text(json.dumps({"base_fingerprint": fingerprint, "config": cfg.as_dict()}, indent=2))
+    if rank_zero:
+        (output / RUN_STATE).write_text(json.dumps({"base_fingerprint": fingerprint, "config": cfg.as_dict()}, indent=2))
     set_seed(cfg.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
@@ -158,14 +166,17 @@ def train(cfg: TrainConfig) -> dict:
     )
     eval_loss_before = trainer.evaluate()["eval_loss"] if eval_set and resume_from is None else None
     result = trainer.train(resume_from_checkpoint=resume_from)
-
-    model.save_pretrained(str(output), safe_serialization=True)
-    tokenizer.save_pretrained(str(output))
     metrics = {"train_loss": result.training_loss}
     if eval_loss_before is not None:
         metrics["eval_loss_before"] = eval_loss_before
     if eval_set:
-        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]  # every rank: evaluate is collective
+    if not trainer.is_world_process_zero():
+        return {}
+
+    model.save_pretrained(str(output), safe_serialization=True)
+    tokenizer.save_pretrained(str(output))
+    if eval_set:
         scored = eval_rows[: cfg.eval_limit] if cfg.eval_limit else eval_rows
         metrics["eval_exact_match"], _ = exact_match(model, tokenizer, scored)
         metrics["eval_rows_scored"] = len(scored)
@@ -188,6 +199,7 @@ def train(cfg: TrainConfig) -> dict:
         "wall_time_s": round(time.time() - started, 1),
         "peak_memory_bytes": peak_memory_bytes(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "world_size": args.world_size,
         "config": cfg.as_dict(),
     }
     write_manifest(output, manifest)
