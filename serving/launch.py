@@ -45,6 +45,12 @@ def start(options: ServeOptions) -> None:
     from serving.app import build_app
     from serving.grpc_servicer import SERVICER_FUNCTION
 
+    if options.engine == "vllm":  # say so before starting Ray, not from inside a failing replica
+        from serving.engine.vllm_engine import INSTALL_HINT, VLLMUnavailable, vllm_unavailable_reason
+
+        reason = vllm_unavailable_reason(options.quantization)
+        if reason:
+            raise VLLMUnavailable(f"{INSTALL_HINT}: {reason}")
     args = engine_args(options)
     if not ray.is_initialized():
         ray.init(num_cpus=options.num_cpus, include_dashboard=False, _metrics_export_port=options.metrics_port,

@@ -333,3 +333,11 @@ def test_every_translated_argument_exists_in_the_installed_vllm(tmp_path):
     for method in ("from_engine_args", "generate", "abort", "add_lora", "remove_lora", "pin_lora", "shutdown"):
         assert callable(getattr(AsyncLLM, method)), method
     assert "lora_request" in inspect.signature(AsyncLLM.generate).parameters
+
+
+@pytest.mark.skipif(vllm_engine.vllm_unavailable_reason("nf4") is None, reason="vllm can run here")
+def test_serve_with_the_vllm_engine_fails_fast_with_the_reason():
+    from tests.conftest import run_cli
+
+    done = run_cli("-m", "loraplex.cli", "serve", "--engine", "vllm", timeout=120)
+    assert done.returncode == 2 and "loraplex[vllm]" in done.stderr and "Traceback" not in done.stderr
