@@ -337,12 +337,14 @@ class Router:
 
 def build_app(args: dict | None = None):
     """Serve app builder (`import_path: serving.app:build_app`); args are EngineConfig fields plus
-    `replicas`, `metrics_port` and `replica_resources`."""
+    `replicas` (or `autoscaling_config`), `metrics_port` and `replica_resources`."""
     args = dict(args or {})
     replicas = int(args.pop("replicas", 1))
     metrics_port = args.pop("metrics_port", None)
     # custom Ray resources per replica, e.g. {"loraplex_slot": 1} on each node: one replica per node
     replica_resources = dict(args.pop("replica_resources", None) or {})
+    # Serve autoscaling (min_replicas, max_replicas, target_ongoing_requests, ...) replaces `replicas`
+    autoscaling = args.pop("autoscaling_config", None)
     known = {f.name for f in fields(EngineConfig)}
     unknown = sorted(set(args) - known)
     if unknown:
@@ -354,7 +356,8 @@ def build_app(args: dict | None = None):
     config = EngineConfig(**args)
     # Ray hides GPUs from actors that did not ask for one: vLLM, or the torch engine on cuda, asks.
     gpus = 1 if config.engine == "vllm" or config.device == "cuda" else 0
-    server = ModelServer.options(num_replicas=replicas, ray_actor_options={
+    scale = {"autoscaling_config": dict(autoscaling)} if autoscaling else {"num_replicas": replicas}
+    server = ModelServer.options(**scale, ray_actor_options={
         "num_cpus": 0, "num_gpus": gpus, "resources": replica_resources})
     server = server.bind(asdict(config))
     return Router.bind(server, metrics_port)

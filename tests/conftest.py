@@ -35,3 +35,12 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now (for Serve's HTTP, gRPC and metrics ports)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

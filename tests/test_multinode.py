@@ -8,23 +8,17 @@ after the second node is stopped.
 from __future__ import annotations
 
 import shutil
-import socket
 import time
 
 import pytest
 
+from tests.conftest import free_port
 from training.demo import demo_adapter_dir, demo_tenants
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray", reason="Ray Serve is part of the dev setup (make test)")
 
 PROMPT = "Ticket: my invoice is wrong\nQueue:\n"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +39,7 @@ def cluster(embedded_base, tmp_path_factory):
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"loraplex_slot": 1}})
     worker = nodes.add_node(num_cpus=1, resources={"loraplex_slot": 1})
     ray.init(address=nodes.address)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options=HTTPOptions(host="127.0.0.1", port=port))
     serve.run(build_app({"base_model": str(embedded_base), "adapters": str(store), "replicas": 2,
                          "replica_resources": {"loraplex_slot": 1}}), name="loraplex", route_prefix="/")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -12,16 +11,11 @@ import grpc
 import pytest
 
 from training.data import load_jsonl
+from tests.conftest import free_port
 from training.demo import demo_adapter_dir, demo_tenants, tenant_data
 from training.evaluate import is_exact_match
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +25,8 @@ def server(embedded_base, tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
     for tenant in demo_tenants():
         shutil.copytree(demo_adapter_dir(tenant), store / tenant)
-    options = ServeOptions(base_model=str(embedded_base), adapters=str(store), http_port=_free_port(),
-                           grpc_port=_free_port(), metrics_port=_free_port(), num_cpus=2, max_batch=16)
+    options = ServeOptions(base_model=str(embedded_base), adapters=str(store), http_port=free_port(),
+                           grpc_port=free_port(), metrics_port=free_port(), num_cpus=2, max_batch=16)
     start(options)
     yield options, store
     stop()
