@@ -49,7 +49,7 @@ class MergeExportConfig(VerifyOptions):
     dtype: str = field(default="fp16", metadata=_opt("dense dtype of the merge", ["fp16", "bf16"]))
     merge_into: str = field(default="fp16", metadata=_opt("merge target", ["fp16", "nf4-dequant"]))
     quant: str = field(default="F16", metadata=_opt("GGUF tensor type", list(GGUF_QUANTS)))
-    calib_data: str | None = field(default=None, metadata=_opt("AWQ calibration JSONL (prompt/completion or text)"))
+    calib_data: str | None = field(default=None, metadata=_opt("AWQ calibration JSONL ({prompt, completion} or {messages} rows)"))
     calib_rows: int = field(default=128, metadata=_opt("AWQ calibration rows used"))
     bits: int = field(default=4, metadata=_opt("AWQ weight bits"))
     group_size: int = field(default=128, metadata=_opt("AWQ quantization group size"))

@@ -26,15 +26,17 @@ class MergeCheckFailed(LoraplexError):
 
 
 def check_adapter_matches_base(base_dir: Path, adapter_dir: Path, force: bool = False,
-                               progress: Callable[[str], None] = print) -> None:
-    """The adapter's manifest must name this base; `force` turns a mismatch into a warning."""
+                               progress: Callable[[str], None] = print, fingerprint: str | None = None) -> None:
+    """The adapter's manifest must name this base; `force` turns a mismatch into a warning.
+
+    fingerprint: the base's, when the caller has it already (hashing reads every weight file)."""
     if not (adapter_dir / "adapter_config.json").is_file():
         raise DataError(f"not a PEFT adapter folder (no adapter_config.json): {adapter_dir}")
     if not (adapter_dir / MANIFEST_NAME).is_file():
         progress(f"warning: {adapter_dir} has no {MANIFEST_NAME}; its base cannot be checked")
         return
     try:
-        check_same_base(base_fingerprint(base_dir), read_manifest(adapter_dir)["base_fingerprint"],
+        check_same_base(fingerprint or base_fingerprint(base_dir), read_manifest(adapter_dir)["base_fingerprint"],
                         f"adapter {adapter_dir}")
     except BaseMismatch as exc:
         if not force:

@@ -18,10 +18,11 @@ def merge_to_hf(base: Path, adapter: Path | None, out_dir: Path, dtype: str, mer
     from convert.merge import DTYPES, check_adapter_matches_base, load_merge_base, merge_adapter, save_hf
     from training.manifest import base_fingerprint
 
-    provenance = {"base": str(base), "base_fingerprint": base_fingerprint(base), "dtype": dtype,
+    fingerprint = base_fingerprint(base)
+    provenance = {"base": str(base), "base_fingerprint": fingerprint, "dtype": dtype,
                   "merge_into": merge_into if adapter else None, "adapter": str(adapter) if adapter else None}
     if adapter is not None:
-        check_adapter_matches_base(base, adapter, force)
+        check_adapter_matches_base(base, adapter, force, fingerprint=fingerprint)
         model = merge_adapter(base, adapter, dtype, merge_into)
     else:
         model = load_merge_base(base, DTYPES[dtype], merge_into)
@@ -46,8 +47,13 @@ def export_awq(merged_dir: Path, out: Path, calib_data: str, calib_rows: int, bi
     from convert.awq_export import export_awq as run_awq
     from training.data import load_jsonl
 
+    from transformers import AutoTokenizer
+
+    from training.data import prompt_and_completion
+
+    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
     rows = load_jsonl(calib_data)[:calib_rows]
-    texts = [row.get("text") or (row.get("prompt", "") + row.get("completion", "")) for row in rows]
+    texts = ["".join(prompt_and_completion(row, tokenizer)) for row in rows]  # whole examples, as trained
     return run_awq(merged_dir, out, texts, bits=bits, group_size=group_size)
 
 
@@ -88,20 +94,24 @@ def verify_export(cfg, base: Path, adapter: Path | None, merged_dir: Path, out: 
               "base": str(base), "adapter": str(adapter) if adapter else None, "comparisons": comparisons,
               "min_agreement": cfg.agreement_floor()}
     if adapter is not None and cfg.eval_data:
-        report["merge_targets"] = compare_merge_targets(base, adapter, merged_dir, cfg, sequences, scratch)
+        report["merge_targets"] = compare_merge_targets(base, adapter, reference, cfg, sequences, scratch)
         report["adapter_on_bf16_base_exact_match"] = adapter_exact_match(base, adapter, sequences)
     report["passed"] = all(c.top1_agreement >= cfg.agreement_floor() for c in comparisons)
-    json_path, md_path = write_report(report, out if out.suffix else out / "export")
+    return _publish(report, out if out.suffix else out / "export")
+
+
+def _publish(report: dict, out_base: Path) -> bool:
+    json_path, md_path = write_report(report, out_base)
     print(md_path.read_text())
     print(f"[convert] report: {json_path}")
     return report["passed"]
 
 
-def compare_merge_targets(base: Path, adapter: Path, merged_dir: Path, cfg, sequences, scratch: Path) -> dict:
-    """Eval loss of the FP16 merge and of the merge into dequantized NF4 weights."""
+def compare_merge_targets(base: Path, adapter: Path, merged: HFModel, cfg, sequences, scratch: Path) -> dict:
+    """Eval loss of the merge just exported (`merged`) and of the other merge target."""
     other = "nf4-dequant" if cfg.merge_into == "fp16" else "fp16"
     other_dir = merge_to_hf(base, adapter, scratch / f"merged-{other}", cfg.dtype, other, force=True)
-    losses = {cfg.merge_into: mean_completion_loss(_hf_reference(cfg.merge_into, merged_dir), sequences),
+    losses = {cfg.merge_into: mean_completion_loss(merged, sequences),
               other: mean_completion_loss(_hf_reference(other, other_dir), sequences)}
     return {"eval_loss": losses, "better": min(losses, key=losses.get)}
 
@@ -126,14 +136,13 @@ def verify_gguf_lora(cfg, base: Path, adapter: Path, lora_gguf: Path, scratch: P
     base_gguf = export_gguf(merge_to_hf(base, None, scratch / "base", "fp16", "fp16"), scratch / "base.gguf", "F16")
     reference = _hf_reference("merged fp16", merged_dir)
     sequences = _sequences(cfg, reference.tokenizer)
-    comparisons = [compare(reference, GGUFModel(base_gguf, lora_path=lora_gguf), sequences),
-                   compare(reference, GGUFModel(export_gguf(merged_dir, scratch / "merged.gguf", "F16")), sequences)]
+    with_lora = compare(reference, GGUFModel(base_gguf, lora_path=lora_gguf), sequences)
+    merged_gguf = GGUFModel(export_gguf(merged_dir, scratch / "merged.gguf", "F16"))
+    comparisons = [with_lora, compare(reference, merged_gguf, sequences,
+                                      reference_exact_match=with_lora.reference_exact_match)]
     report = {"artifact": str(lora_gguf), "format": "gguf-lora", "base": str(base), "adapter": str(adapter),
               "comparisons": comparisons, "min_agreement": cfg.agreement_floor(),
               "passed": comparisons[0].top1_agreement >= cfg.agreement_floor()}
     if comparisons[0].exact_match is not None:  # the LoRA at runtime vs the same adapter merged
         report["lora_vs_merged_exact_match_points"] = 100 * (comparisons[0].exact_match - comparisons[1].exact_match)
-    json_path, md_path = write_report(report, lora_gguf)
-    print(md_path.read_text())
-    print(f"[convert] report: {json_path}")
-    return report["passed"]
+    return _publish(report, lora_gguf)

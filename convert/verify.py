@@ -111,8 +111,10 @@ def _nll(logits: torch.Tensor, ids: list[int], start: int) -> tuple[float, int]:
 
 
 def compare(reference: Model, candidate: Model, sequences, max_tokens: int = 24,
-            progress: Callable[[str], None] = print) -> Comparison:
-    """Distribution agreement on the given IDs, then greedy exact match when completions exist."""
+            progress: Callable[[str], None] = print, reference_exact_match: float | None = None) -> Comparison:
+    """Distribution agreement on the given IDs, then greedy exact match when completions exist.
+
+    reference_exact_match: the reference's own score, when an earlier comparison measured it."""
     agree = positions = 0
     kl_sum = ref_nll = cand_nll = 0.0
     tokens = 0
@@ -137,7 +139,8 @@ def compare(reference: Model, candidate: Model, sequences, max_tokens: int = 24,
     with_answers = [(p, c) for p, c, _, _ in sequences if c]
     if with_answers:
         result.exact_match = exact_match_rate(candidate, with_answers, max_tokens)
-        result.reference_exact_match = exact_match_rate(reference, with_answers, max_tokens)
+        result.reference_exact_match = (reference_exact_match if reference_exact_match is not None
+                                        else exact_match_rate(reference, with_answers, max_tokens))
     progress(f"verify {candidate.name}: top-1 agreement {result.top1_agreement:.2%}, mean KL {result.mean_kl:.4f}"
              + ("" if result.exact_match is None else f", exact match {result.exact_match:.0%}"))
     return result

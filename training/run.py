@@ -78,10 +78,11 @@ def describe_optimizer(trainer) -> dict:
     """What actually ran. bitsandbytes pages state only on CUDA, and only for tensors of 1e5+ elements."""
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     states = [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t) and t.dim() > 0]
+    devices = {_state_device(t) for t in states}
     return {"class": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
             "paged": bool(getattr(optimizer, "is_paged", False)),
             "paged_state_tensors": sum(bool(getattr(t, "is_paged", False)) for t in states),
-            "state_device": max((_state_device(t) for t in states), default=None, key=lambda d: d == "cuda")}
+            "state_device": "cuda" if "cuda" in devices else next(iter(devices), None)}
 
 
 def _state_device(tensor: torch.Tensor) -> str:

@@ -4,7 +4,7 @@ The idea behind Punica's SGMV and S-LoRA, in plain torch. Adapters live in numbe
 (slot 0: no adapter). Each running request holds a batch *position*; every projection group
 keeps a copy of its position's adapter weights, so one bmm pair applies all the rows' adapters.
 
-Two things keep the per-step cost low on a CPU, where small ops cost more in dispatch than in
+Three things keep the per-step cost low on a CPU, where small ops cost more in dispatch than in
 arithmetic:
 - positions change one at a time: the engine removes a finished request by moving the last
   one into its place, so a join or a leave copies one adapter, not the whole batch's;

@@ -159,23 +159,28 @@ class AdapterStore:
         started = time.perf_counter()
         folder, config, _ = self.validate(adapter_id)
         version = self._version(folder)
-        config_bytes = (folder / "adapter_config.json").read_bytes()
-        weight_bytes = (folder / "adapter_model.safetensors").read_bytes()
-        weights = self._read_weights(adapter_id, weight_bytes, config)
-        slot = self._take_slot()
+        files = {name: (folder / name).read_bytes() for name in ADAPTER_FILES}  # read once: check, hash, place
+        weights = self._read_weights(adapter_id, files["adapter_model.safetensors"], config)
+        version_id = hashlib.sha256(b"".join(files.values())).hexdigest()[:12]
         rank = int(config["r"])
-        scaling = config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)
+        slot = self._take_slot()
         try:
-            self.slots.load_slot(slot, weights, scaling)
+            self._place(slot, adapter_id, version_id, config, weights, files)
         except Exception:
             self._free_slot(slot)
             raise
-        version_id = hashlib.sha256(config_bytes + weight_bytes).hexdigest()[:12]
         lease = SlotLease(adapter_id, slot, version, rank, version_id=version_id)
         self._current[adapter_id] = lease
         if self.metrics:
             self.metrics.adapter_loaded(adapter_id, time.perf_counter() - started, len(self._current))
         return lease
+
+    def _place(self, slot: int, adapter_id: str, version_id: str, config: dict, weights: dict,
+               files: dict[str, bytes]) -> None:
+        """Put a validated adapter into a slot: here its tensors (the vLLM store registers the files)."""
+        rank = int(config["r"])
+        scaling = config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)
+        self.slots.load_slot(slot, weights, scaling)
 
     def _take_slot(self) -> int:
         if self._free:

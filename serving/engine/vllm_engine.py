@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import hashlib
 import importlib.util
 import json
 import logging
@@ -35,7 +34,7 @@ import torch
 
 from serving.engine.engine import Engine, EngineConfig, RequestStream, StreamEvent, checked_request
 from serving.engine.sampling import SamplingParams
-from serving.engine.store import ADAPTER_FILES, AdapterStore, SlotLease
+from serving.engine.store import AdapterStore, SlotLease
 from serving.errors import (
     AdapterRejected, DeadlineExceeded, EngineStopped, InvalidRequest, NoFreeSlot, QueueFull,
 )
@@ -288,27 +287,12 @@ class VLLMLoraSlots:
 class VLLMAdapterStore(AdapterStore):
     """The torch engine's store (same checks, LRU, pins, hot swap) with vLLM LoRA IDs for slots."""
 
-    def _load(self, adapter_id: str) -> SlotLease:
-        """As AdapterStore._load, but the validated bytes go to vLLM (add_lora), not into tensors."""
-        started = time.perf_counter()
-        folder, config, _ = self.validate(adapter_id)
-        version = self._version(folder)
-        files = {name: (folder / name).read_bytes() for name in ADAPTER_FILES}
-        self._read_weights(adapter_id, files["adapter_model.safetensors"], config)  # modules, shapes, finite
-        version_id = hashlib.sha256(b"".join(files.values())).hexdigest()[:12]  # the torch engine's version ID
-        slot = self._take_slot()
-        try:
-            self.slots.register(slot, adapter_id, version_id, files)
-            if adapter_id in self.pinned:  # a new version of a pinned adapter is pinned in vLLM too
-                self.slots.pin(slot, True)
-        except Exception:
-            self._free_slot(slot)
-            raise
-        lease = SlotLease(adapter_id, slot, version, int(config["r"]), version_id=version_id)
-        self._current[adapter_id] = lease
-        if self.metrics:
-            self.metrics.adapter_loaded(adapter_id, time.perf_counter() - started, len(self._current))
-        return lease
+    def _place(self, slot: int, adapter_id: str, version_id: str, config: dict, weights: dict,
+               files: dict[str, bytes]) -> None:
+        """The validated bytes go to vLLM (add_lora), not into tensors."""
+        self.slots.register(slot, adapter_id, version_id, files)
+        if adapter_id in self.pinned:  # a new version of a pinned adapter is pinned in vLLM too
+            self.slots.pin(slot, True)
 
     def pin(self, adapter_id: str, pinned: bool = True) -> SlotLease | None:
         """As AdapterStore.pin; in vLLM a pinned adapter also holds a GPU slot, so one stays unpinned."""
