@@ -24,7 +24,7 @@ def main() -> int:
 
     from serving.app import build_app
     from serving.grpc_servicer import SERVICER_FUNCTION
-    from training.demo import ADAPTERS_DIR, ensure_demo_adapters
+    from training.demo import ensure_demo_adapters
 
     ensure_demo_adapters()
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"loraplex_slot": 1}})
@@ -32,7 +32,7 @@ def main() -> int:
     ray.init(address=nodes.address)
     serve.start(http_options=HTTPOptions(host="127.0.0.1", port=8000),
                 grpc_options=gRPCOptions(port=9000, grpc_servicer_functions=[SERVICER_FUNCTION]))
-    serve.run(build_app({"adapters": str(ADAPTERS_DIR), "replicas": 2, "replica_resources": {"loraplex_slot": 1}}),
+    serve.run(build_app({"replicas": 2, "replica_resources": {"loraplex_slot": 1}}),
               name="loraplex", route_prefix="/")
     print("2 nodes, 2 replicas: http://127.0.0.1:8000/v1 and gRPC 127.0.0.1:9000 "
           "(the response's system_fingerprint / replica_id names the replica). Ctrl-C stops.", flush=True)

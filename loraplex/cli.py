@@ -29,6 +29,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_forever(options)
 
 
+def cmd_keys_add(args: argparse.Namespace) -> int:
+    from serving.auth import add_key
+
+    key = add_key(args.file, args.name, args.adapters, admin=args.admin, max_concurrent=args.max_concurrent,
+                  max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens)
+    print(f"added {args.name!r} to {args.file} (only its hash is stored). The key, shown once:", file=sys.stderr)
+    print(key)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from loraplex.demo import run_demo
 
@@ -48,6 +58,18 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = sub.add_parser("serve", help="Ray Serve: gRPC :9000 + OpenAI HTTP :8000 (see --help)", add_help=False)
     serve.set_defaults(func=cmd_serve, passthrough=True)
+
+    keys = sub.add_parser("keys", help="tenant API keys for `serve --api-keys FILE`")
+    add = keys.add_subparsers(dest="keys_command", required=True).add_parser(
+        "add", help="make a new key, append its hash to FILE and print the key once")
+    add.add_argument("--file", required=True, help="key file (YAML), created if missing")
+    add.add_argument("--name", required=True, help="tenant name: limits and logs are per name")
+    add.add_argument("--adapters", nargs="*", default=[],
+                     help="adapter IDs or fnmatch patterns it may use ('' is the base)")
+    add.add_argument("--admin", action="store_true", help="may call Load/Unload/PinAdapter, and use every adapter")
+    for limit in ("max-concurrent", "max-prompt-tokens", "max-new-tokens"):
+        add.add_argument(f"--{limit}", type=int, help="this tenant's own limit")
+    add.set_defaults(func=cmd_keys_add)
 
     demo = sub.add_parser("demo", help="the embedded base + demo tenant adapters, side by side")
     demo.add_argument("--retrain", action="store_true", help="retrain the demo adapters first")

@@ -9,10 +9,13 @@ Ray routes a request to a ModelServer replica that already holds its adapter whe
 
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import time
-from dataclasses import asdict, fields
+from collections import Counter
+from dataclasses import asdict, fields, replace
 from typing import Any
 
 import grpc
@@ -27,18 +30,31 @@ from loraplex.protos import ensure_stubs
 ensure_stubs()
 from loraplex.v1 import loraplex_pb2 as pb  # noqa: E402
 
+from serving.auth import (  # noqa: E402
+    AUTH_OFF_WARNING, KeyTable, TenantKey, TenantLimits, authorize, require_admin, resolve_key_table,
+)
 from serving.engine.engine import EngineConfig  # noqa: E402
-from serving.errors import InvalidRequest, classify  # noqa: E402
+from serving.errors import (  # noqa: E402
+    DeadlineExceeded, InvalidRequest, ReplicaUnavailable, TenantLimitExceeded, classify,
+)
 from serving.requests import (  # noqa: E402
     BASE_MODEL_ID, ChatCompletionBody, CompletionBody, GenerateCall, adapter_from_model, call_from_proto,
 )
+
+logger = logging.getLogger("ray.serve")
 
 MAX_MULTIPLEXED = int(os.environ.get("LORAPLEX_MAX_LORAS", "8"))  # Ray fixes this when the class is defined
 
 
 def _cause(exc: BaseException) -> BaseException:
-    """The original error behind Ray's RayTaskError wrapper."""
-    return getattr(exc, "cause", None) or exc
+    """The original error behind Ray's RayTaskError wrapper; a dead replica becomes UNAVAILABLE."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    cause = getattr(exc, "cause", None) or exc
+    if isinstance(cause, (RayActorError, ActorUnavailableError)):
+        return ReplicaUnavailable(f"the replica serving this request went away ({type(cause).__name__}); "
+                                  "retry: Ray Serve routes it to a live replica")
+    return cause
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256, graceful_shutdown_timeout_s=60)
@@ -63,17 +79,32 @@ class ModelServer:
         from serving.engine.sampling import SamplingParams
 
         adapter_id = serve.get_multiplexed_model_id()
+        timeout = call.get("timeout")
+        if timeout is not None and timeout <= 0:
+            raise DeadlineExceeded(f"request {call['request_id']} reached its deadline before it started")
         if adapter_id:
             await self.get_adapter(adapter_id)
         prompt = call["prompt"]
         if call["messages"]:
-            prompt = self.engine.tokenizer.apply_chat_template(call["messages"], tokenize=False,
-                                                               add_generation_prompt=True)
+            try:
+                prompt = self.engine.tokenizer.apply_chat_template(call["messages"], tokenize=False,
+                                                                   add_generation_prompt=True)
+            except Exception as exc:  # the model's own template refuses these messages
+                raise InvalidRequest(f"messages do not fit the chat template: {exc}"[:300]) from None
         try:
             params = SamplingParams(**call["params"])
         except TypeError as exc:
             raise InvalidRequest(str(exc)) from None
-        return adapter_id, self.engine.submit(prompt or "", adapter_id, params, request_id=call["request_id"])
+        prompt_ids = self.engine.encode(prompt or "")
+        limits = TenantLimits(**call["limits"]) if call.get("limits") else None
+        if limits is not None:
+            limits.check_prompt_tokens(len(prompt_ids))
+            limits.check_new_tokens(params.max_tokens)
+            if params.max_tokens is None and limits.max_new_tokens is not None:
+                room = max(1, self.engine.max_seq - len(prompt_ids))
+                params = replace(params, max_tokens=min(limits.max_new_tokens, room))
+        return adapter_id, self.engine.submit(prompt_ids, adapter_id, params, request_id=call["request_id"],
+                                              timeout=timeout)
 
     def _final(self, adapter_id: str, request_id: str, text: str, event) -> dict:
         if event.error is not None:
@@ -150,7 +181,8 @@ http_app = FastAPI(title="loraplex", description="OpenAI-compatible completions 
 
 def _openai_error(exc: BaseException) -> JSONResponse:
     _, status, kind = classify(exc)
-    return JSONResponse(status_code=status, content={"error": {
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(status_code=status, headers=headers, content={"error": {
         "message": str(exc), "type": kind, "code": status, "param": None}})
 
 
@@ -160,7 +192,8 @@ async def _bad_body(request: Request, exc: RequestValidationError) -> JSONRespon
     return _openai_error(InvalidRequest(reasons or "invalid request body"))
 
 
-def _openai_response(model: str, result: dict, chat: bool) -> dict:
+def _openai_response(result: dict, chat: bool) -> dict:
+    """`model` is the adapter that answered (from the replica), so a client can check it."""
     usage = {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
              "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}
     if chat:
@@ -169,7 +202,8 @@ def _openai_response(model: str, result: dict, chat: bool) -> dict:
     else:
         choice = {"index": 0, "text": result["text"], "logprobs": None, "finish_reason": _finish(result["finish_reason"])}
     return {"id": result["request_id"], "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": model, "choices": [choice], "usage": usage,
+            "created": int(time.time()), "model": result["adapter_id"] or BASE_MODEL_ID, "choices": [choice],
+            "usage": usage,
             "system_fingerprint": result["replica_id"]}
 
 
@@ -177,7 +211,7 @@ def _finish(reason: str) -> str | None:
     return {"stop": "stop", "length": "length"}.get(reason, reason or None)
 
 
-async def _sse(model: str, first: dict, chunks, chat: bool):
+async def _sse(first: dict, chunks, chat: bool):
     def event(chunk: dict) -> str:
         finish = _finish(chunk["finish_reason"]) if chunk["final"] else None
         if chat:
@@ -186,7 +220,7 @@ async def _sse(model: str, first: dict, chunks, chat: bool):
         else:
             choice = {"index": 0, "text": chunk["text"], "logprobs": None, "finish_reason": finish}
         payload = {"id": chunk["request_id"], "object": "chat.completion.chunk" if chat else "text_completion",
-                   "created": int(time.time()), "model": model, "choices": [choice],
+                   "created": int(time.time()), "model": chunk["adapter_id"] or BASE_MODEL_ID, "choices": [choice],
                    "system_fingerprint": chunk["replica_id"]}
         return f"data: {json.dumps(payload)}\n\n"
 
@@ -201,17 +235,58 @@ async def _sse(model: str, first: dict, chunks, chat: bool):
     yield "data: [DONE]\n\n"
 
 
+async def _held(gate: contextlib.ExitStack, events):
+    """Keep the tenant's place until the stream ends, however it ends (a closed connection too)."""
+    with gate:
+        async for event in events:
+            yield event
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=512)
 @serve.ingress(http_app)
 class Router:
-    """Both surfaces: gRPC methods named after the RPCs, and the FastAPI routes below."""
+    """Both surfaces: gRPC methods named after the RPCs, and the FastAPI routes below.
 
-    def __init__(self, model_server: DeploymentHandle, metrics_port: int | None = None) -> None:
+    Every request passes the same gate here: the API key (when auth is on), the adapter the
+    key may use, and the tenant's concurrency limit, before anything reaches a ModelServer.
+    """
+
+    def __init__(self, model_server: DeploymentHandle, metrics_port: int | None = None,
+                 api_keys: list[dict] | None = None, limits: dict | None = None) -> None:
         self.model = model_server
         self.metrics_port = metrics_port
+        self.keys = KeyTable.from_config(api_keys) if api_keys is not None else None
+        self.default_limits = TenantLimits(**(limits or {}))
+        self.in_flight: Counter[str] = Counter()  # per tenant, on this Router replica
+        if self.keys is None:
+            logger.warning("loraplex: %s", AUTH_OFF_WARNING)
 
     def _to(self, adapter_id: str, stream: bool = False):
         return self.model.options(multiplexed_model_id=adapter_id, stream=stream)
+
+    # -- the gate --------------------------------------------------------------------------------
+
+    def _authenticate(self, authorization: str | None) -> TenantKey | None:
+        return None if self.keys is None else self.keys.authenticate(authorization)
+
+    @contextlib.contextmanager
+    def _admitted(self, key: TenantKey | None, adapter_id: str, call: GenerateCall):
+        """Authorize the adapter and hold one of the tenant's concurrent-request places."""
+        authorize(key, adapter_id)
+        tenant = key.name if key else f"adapter:{adapter_id}"
+        limits = key.limits if key else self.default_limits
+        if limits.max_concurrent is not None and self.in_flight[tenant] >= limits.max_concurrent:
+            raise TenantLimitExceeded(f"tenant {tenant} has {limits.max_concurrent} requests in flight "
+                                      "(its limit); retry when one finishes")
+        limits.check_new_tokens(call["params"].get("max_tokens"))
+        call["limits"] = asdict(limits)
+        self.in_flight[tenant] += 1
+        try:
+            yield
+        finally:
+            self.in_flight[tenant] -= 1
+            if not self.in_flight[tenant]:
+                del self.in_flight[tenant]
 
     # -- gRPC ------------------------------------------------------------------------------------
 
@@ -221,10 +296,27 @@ class Router:
         grpc_context.set_code(getattr(grpc.StatusCode, code))
         grpc_context.set_details(str(exc))
 
+    def _grpc_key(self, grpc_context) -> TenantKey | None:
+        metadata = dict(grpc_context.invocation_metadata())
+        return self._authenticate(metadata.get("authorization"))
+
+    @staticmethod
+    def _grpc_call(request, grpc_context) -> GenerateCall:
+        """The call, with the time left before the client's gRPC deadline (see grpc_servicer)."""
+        call = call_from_proto(request)
+        deadline = getattr(grpc_context, "loraplex_deadline", None)
+        if deadline is not None:
+            call["timeout"] = deadline - time.time()
+            if call["timeout"] <= 0:
+                raise DeadlineExceeded("the request's deadline passed before it reached the server")
+        return call
+
     async def Generate(self, request, grpc_context):  # noqa: N802 (RPC name)
         try:
-            call = call_from_proto(request)
-            result = await self._to(serve.get_multiplexed_model_id()).generate.remote(call)
+            key, call = self._grpc_key(grpc_context), self._grpc_call(request, grpc_context)
+            adapter_id = serve.get_multiplexed_model_id()
+            with self._admitted(key, adapter_id, call):
+                result = await self._to(adapter_id).generate.remote(call)
         except Exception as exc:
             self._grpc_fail(grpc_context, _cause(exc))
             return pb.GenerateResponse()
@@ -234,23 +326,31 @@ class Router:
 
     async def GenerateStream(self, request, grpc_context):  # noqa: N802
         try:
-            call = call_from_proto(request)
-            async for chunk in self._to(serve.get_multiplexed_model_id(), stream=True).generate_stream.remote(call):
-                chunk.pop("final")
-                yield pb.GenerateResponse(**chunk)
+            key, call = self._grpc_key(grpc_context), self._grpc_call(request, grpc_context)
+            adapter_id = serve.get_multiplexed_model_id()
+            with self._admitted(key, adapter_id, call):
+                async for chunk in self._to(adapter_id, stream=True).generate_stream.remote(call):
+                    chunk.pop("final")
+                    yield pb.GenerateResponse(**chunk)
         except Exception as exc:
             self._grpc_fail(grpc_context, _cause(exc))
             raise  # in a stream the status only reaches the client with a raise
 
     async def ListAdapters(self, request, grpc_context):  # noqa: N802
-        listing = await self.model.list_adapters.remote()
+        try:
+            key = self._grpc_key(grpc_context)
+            listing = await self.model.list_adapters.remote()
+        except Exception as exc:
+            self._grpc_fail(grpc_context, _cause(exc))
+            return pb.ListAdaptersResponse()
         return pb.ListAdaptersResponse(
-            adapters=[pb.AdapterInfo(**a) for a in listing["adapters"]],
+            adapters=[pb.AdapterInfo(**a) for a in listing["adapters"] if key is None or key.may_use(a["adapter_id"])],
             base_model=listing["base_model"], base_fingerprint=listing["base_fingerprint"])
 
     async def _admin(self, grpc_context, adapter_id: str, method: str, *args, empty, build):
-        """Run an admin call on the replica that holds (or will hold) the adapter."""
+        """Run an admin call (admin keys only) on the replica that holds, or will hold, the adapter."""
         try:
+            require_admin(self._grpc_key(grpc_context), method)
             result = await getattr(self._to(adapter_id), method).remote(adapter_id, *args)
         except Exception as exc:
             self._grpc_fail(grpc_context, _cause(exc))
@@ -271,7 +371,7 @@ class Router:
                                  build=lambda info: pb.PinAdapterResponse(adapter=pb.AdapterInfo(**info)))
 
     async def Check(self, request, grpc_context):  # noqa: N802 (grpc.health.v1.Health/Check)
-        """SERVING once a ModelServer answers: what Kubernetes gRPC probes ask."""
+        """SERVING once a ModelServer answers: what Kubernetes gRPC probes ask (no key needed)."""
         from grpc_health.v1 import health_pb2
 
         if request.service not in ("", "loraplex.v1.LoraplexService"):
@@ -287,22 +387,28 @@ class Router:
     # -- OpenAI-compatible HTTP ------------------------------------------------------------------
 
     @http_app.get("/v1/models")
-    async def models(self) -> dict:
-        listing = await self.model.list_adapters.remote()
+    async def models(self, request: Request):
+        try:
+            key = self._authenticate(request.headers.get("authorization"))
+            listing = await self.model.list_adapters.remote()
+        except Exception as exc:
+            return _openai_error(_cause(exc))
         now = int(time.time())
-        entries = [{"id": BASE_MODEL_ID, "object": "model", "created": now, "owned_by": "loraplex",
-                    "root": listing["base_model"]}]
+        entries = []
+        if key is None or key.may_use(""):
+            entries.append({"id": BASE_MODEL_ID, "object": "model", "created": now, "owned_by": "loraplex",
+                            "root": listing["base_model"]})
         entries += [{"id": a["adapter_id"], "object": "model", "created": now, "owned_by": "loraplex",
-                     "parent": BASE_MODEL_ID} for a in listing["adapters"]]
+                     "parent": BASE_MODEL_ID} for a in listing["adapters"] if key is None or key.may_use(a["adapter_id"])]
         return {"object": "list", "data": entries}
 
     @http_app.post("/v1/completions")
-    async def completions(self, body: CompletionBody):
-        return await self._openai(body, chat=False)
+    async def completions(self, body: CompletionBody, request: Request):
+        return await self._openai(body, request, chat=False)
 
     @http_app.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionBody):
-        return await self._openai(body, chat=True)
+    async def chat_completions(self, body: ChatCompletionBody, request: Request):
+        return await self._openai(body, request, chat=True)
 
     @http_app.get("/healthz")
     async def healthz(self) -> dict:
@@ -320,24 +426,49 @@ class Router:
         lines = [line for line in raw.decode().splitlines() if "loraplex_" in line]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
-    async def _openai(self, body, chat: bool):
+    async def _openai(self, body, request: Request, chat: bool):
+        gate = contextlib.ExitStack()
         try:
-            call = body.call()
+            key = self._authenticate(request.headers.get("authorization"))
+            call = body.call(request.headers.get("x-request-id"))
             adapter_id = adapter_from_model(body.model)
+            gate.enter_context(self._admitted(key, adapter_id, call))
             if not body.stream:
-                result = await self._to(adapter_id).generate.remote(call)
-                return _openai_response(body.model or BASE_MODEL_ID, result, chat)
+                with gate:
+                    result = await self._to(adapter_id).generate.remote(call)
+                return JSONResponse(_openai_response(result, chat), headers={"x-request-id": call["request_id"]})
             chunks = self._to(adapter_id, stream=True).generate_stream.remote(call)
             first = await chunks.__anext__()  # errors before any output still get a proper status
+            return StreamingResponse(_held(gate, _sse(first, chunks, chat)), media_type="text/event-stream",
+                                     headers={"x-request-id": call["request_id"]})
         except Exception as exc:
+            gate.close()
             return _openai_error(_cause(exc))
-        return StreamingResponse(_sse(body.model or BASE_MODEL_ID, first, chunks, chat),
-                                 media_type="text/event-stream")
+
+
+def _auth_config(args: dict) -> tuple[list[dict] | None, TenantLimits]:
+    """The hashed key table for the Router, or None when auth is off (the demo, or said so)."""
+    allow_open = bool(args.pop("allow_unauthenticated", False))
+    limits = TenantLimits(**{name: args.pop(f"tenant_{name}") for name in
+                             ("max_concurrent", "max_prompt_tokens", "max_new_tokens") if f"tenant_{name}" in args})
+    table = resolve_key_table(args.pop("api_keys", None), limits)
+    if table is not None:
+        return table.to_config(), limits
+    if not (allow_open or args.get("adapters") is None):
+        raise ValueError("no API keys: pass api_keys=FILE (make one with `loraplex keys add`) or set "
+                         "$LORAPLEX_API_KEYS_FILE; allow_unauthenticated=true serves without auth (local only)")
+    logger.warning("loraplex: %s", AUTH_OFF_WARNING)
+    return None, limits
 
 
 def build_app(args: dict | None = None):
     """Serve app builder (`import_path: serving.app:build_app`); args are EngineConfig fields plus
-    `replicas` (or `autoscaling_config`), `metrics_port` and `replica_resources`."""
+    `replicas` (or `autoscaling_config`), `metrics_port`, `replica_resources`, and auth:
+    `api_keys` (a key file), `allow_unauthenticated`, `tenant_max_concurrent`,
+    `tenant_max_prompt_tokens`, `tenant_max_new_tokens` (defaults for keys that set none).
+
+    Auth is on whenever keys are configured; without keys the app serves only the demo store
+    (no `adapters` arg) or when `allow_unauthenticated` says so, and logs a loud warning."""
     args = dict(args or {})
     replicas = int(args.pop("replicas", 1))
     metrics_port = args.pop("metrics_port", None)
@@ -345,6 +476,7 @@ def build_app(args: dict | None = None):
     replica_resources = dict(args.pop("replica_resources", None) or {})
     # Serve autoscaling (min_replicas, max_replicas, target_ongoing_requests, ...) replaces `replicas`
     autoscaling = args.pop("autoscaling_config", None)
+    api_keys, limits = _auth_config(args)
     known = {f.name for f in fields(EngineConfig)}
     unknown = sorted(set(args) - known)
     if unknown:
@@ -360,4 +492,4 @@ def build_app(args: dict | None = None):
     server = ModelServer.options(**scale, ray_actor_options={
         "num_cpus": 0, "num_gpus": gpus, "resources": replica_resources})
     server = server.bind(asdict(config))
-    return Router.bind(server, metrics_port)
+    return Router.bind(server, metrics_port, api_keys, asdict(limits))

@@ -33,6 +33,14 @@ class EngineStopped(LoraplexError):
     """The engine is shutting down and takes no new requests."""
 
 
+class TenantLimitExceeded(LoraplexError):
+    """A tenant's own limit: concurrent requests, prompt tokens or new tokens."""
+
+
+class ReplicaUnavailable(LoraplexError):
+    """The replica serving the request died or went away; a retry lands on a live one."""
+
+
 class Unauthenticated(LoraplexError):
     """Missing or unknown API key."""
 
@@ -49,7 +57,9 @@ ERROR_TABLE: dict[type, tuple[str, int, str]] = {
     AdapterRejected: ("FAILED_PRECONDITION", 422, "invalid_request_error"),
     NoFreeSlot: ("RESOURCE_EXHAUSTED", 429, "rate_limit_error"),
     QueueFull: ("RESOURCE_EXHAUSTED", 429, "rate_limit_error"),
+    TenantLimitExceeded: ("RESOURCE_EXHAUSTED", 429, "rate_limit_error"),
     DeadlineExceeded: ("DEADLINE_EXCEEDED", 504, "timeout_error"),
+    ReplicaUnavailable: ("UNAVAILABLE", 503, "server_error"),
     EngineStopped: ("UNAVAILABLE", 503, "server_error"),
     Unauthenticated: ("UNAUTHENTICATED", 401, "authentication_error"),
     PermissionDenied: ("PERMISSION_DENIED", 403, "permission_error"),

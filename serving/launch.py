@@ -23,6 +23,18 @@ class ServeOptions(EngineConfig):
     metrics_port: int = field(default=8080, metadata={"help": "Ray's Prometheus exporter port on this node"})
     replicas: int = field(default=1, metadata={"help": "ModelServer replicas"})
     num_cpus: int | None = field(default=None, metadata={"help": "CPUs Ray may use; default: all"})
+    api_keys: str | None = field(default=None, metadata={
+        "help": "tenant API key file (hashes; `loraplex keys add`); or $LORAPLEX_API_KEYS_FILE / $LORAPLEX_API_KEYS"})
+    allow_unauthenticated: bool = field(default=False, metadata={
+        "help": "serve without API keys (local testing only; the demo store is served so by default)"})
+    tenant_max_concurrent: int | None = field(default=64, metadata={
+        "help": "requests in flight per tenant (a key's own max_concurrent wins)"})
+    tenant_max_prompt_tokens: int | None = field(default=None, metadata={"help": "prompt tokens per request, per tenant"})
+    tenant_max_new_tokens: int | None = field(default=None, metadata={"help": "max_tokens per request, per tenant"})
+
+
+AUTH_ARGS = ("api_keys", "allow_unauthenticated", "tenant_max_concurrent", "tenant_max_prompt_tokens",
+             "tenant_max_new_tokens")
 
 
 def engine_args(options: ServeOptions) -> dict:
@@ -51,7 +63,10 @@ def start(options: ServeOptions) -> None:
         reason = vllm_unavailable_reason(options.quantization)
         if reason:
             raise VLLMUnavailable(f"{INSTALL_HINT}: {reason}")
+    demo = options.adapters is None  # the demo store: the one case served without keys by default
     args = engine_args(options)
+    auth = {name: getattr(options, name) for name in AUTH_ARGS}
+    auth["allow_unauthenticated"] = options.allow_unauthenticated or demo
     if not ray.is_initialized():
         ray.init(num_cpus=options.num_cpus, include_dashboard=False, _metrics_export_port=options.metrics_port,
                  log_to_driver=False)
@@ -59,7 +74,7 @@ def start(options: ServeOptions) -> None:
         http_options=HTTPOptions(host=options.host, port=options.http_port),
         grpc_options=gRPCOptions(port=options.grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION]),
     )
-    serve.run(build_app({**args, "replicas": options.replicas, "metrics_port": options.metrics_port}),
+    serve.run(build_app({**args, **auth, "replicas": options.replicas, "metrics_port": options.metrics_port}),
               name=APP_NAME, route_prefix="/")
 
 
@@ -71,10 +86,21 @@ def stop() -> None:
     ray.shutdown()
 
 
+def auth_summary(options: ServeOptions) -> str:
+    import os
+
+    from serving.auth import AUTH_OFF_WARNING, ENV_FILE, ENV_INLINE
+
+    if options.api_keys or os.environ.get(ENV_FILE) or os.environ.get(ENV_INLINE):
+        return "  auth  API keys required (authorization: Bearer <key>)"
+    return "  auth  " + "!" * 20 + "\n  " + AUTH_OFF_WARNING + "\n  " + "!" * 20
+
+
 def serve_forever(options: ServeOptions) -> int:
     started = time.time()
     start(options)
     print(f"loraplex serving {options.base_model or 'the embedded base'} in {time.time() - started:.1f}s\n"
+          f"{auth_summary(options)}\n"
           f"  HTTP  http://{options.host}:{options.http_port}/v1  (OpenAI-compatible; model = adapter ID)\n"
           f"  gRPC  {options.host}:{options.grpc_port}  loraplex.v1.LoraplexService (metadata multiplexed_model_id)\n"
           f"  metrics http://{options.host}:{options.http_port}/metrics  (Ray exporter :{options.metrics_port})\n"

@@ -6,14 +6,16 @@ an engine submission. Validation of the values themselves happens once, in the e
 
 from __future__ import annotations
 
+import re
 import uuid
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.errors import InvalidRequest
 
 BASE_MODEL_ID = "base"  # the OpenAI `model` value (besides "") that means: no adapter
+_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 class GenerateCall(TypedDict):
@@ -21,6 +23,17 @@ class GenerateCall(TypedDict):
     prompt: str | None
     messages: list[dict] | None
     params: dict[str, Any]  # SamplingParams fields
+    limits: NotRequired[dict | None]  # the tenant's TenantLimits fields, set by the Router
+    timeout: NotRequired[float | None]  # seconds left before the client's deadline
+
+
+def checked_request_id(request_id: str | None) -> str:
+    """A client's request ID (echoed in every response and log), or a new one."""
+    if not request_id:
+        return new_request_id()
+    if not _REQUEST_ID.fullmatch(request_id):
+        raise InvalidRequest("request_id must be 1-128 characters of letters, digits, '.', '_', ':' or '-'")
+    return request_id
 
 
 def adapter_from_model(model: str | None) -> str:
@@ -34,14 +47,15 @@ def new_request_id() -> str:
 
 def call_from_proto(request) -> GenerateCall:
     """A loraplex.v1.GenerateRequest as a GenerateCall."""
-    params: dict[str, Any] = {"max_tokens": request.max_tokens, "stop": tuple(request.stop)}
+    params: dict[str, Any] = {"max_tokens": request.max_tokens, "stop": tuple(request.stop),
+                              "ignore_eos": request.ignore_eos}
     for name in ("temperature", "top_p", "top_k", "seed"):
         if request.HasField(name):
             params[name] = getattr(request, name)
     messages = [{"role": m.role, "content": m.content} for m in request.messages] or None
     if messages and request.prompt:
         raise InvalidRequest("send either prompt or messages, not both")
-    return GenerateCall(request_id=request.request_id or new_request_id(), prompt=request.prompt or None,
+    return GenerateCall(request_id=checked_request_id(request.request_id), prompt=request.prompt or None,
                         messages=messages, params=params)
 
 
@@ -56,6 +70,7 @@ class _OpenAIBase(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     n: int = 1
+    ignore_eos: bool = False  # extension, as in vLLM
 
     def sampling(self, default_max_tokens: int | None) -> dict[str, Any]:
         if self.n != 1:
@@ -63,19 +78,20 @@ class _OpenAIBase(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return {"max_tokens": self.max_tokens if self.max_tokens is not None else default_max_tokens,
                 "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                "seed": self.seed, "stop": tuple(stop)}
+                "seed": self.seed, "stop": tuple(stop), "ignore_eos": self.ignore_eos}
 
 
 class CompletionBody(_OpenAIBase):
     prompt: str | list[str] = Field(...)
 
-    def call(self) -> GenerateCall:
+    def call(self, request_id: str | None = None) -> GenerateCall:
         prompt = self.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
                 raise InvalidRequest("prompt must be one string (batches of prompts are not supported)")
             prompt = prompt[0]
-        return GenerateCall(request_id=new_request_id(), prompt=prompt, messages=None, params=self.sampling(16))
+        return GenerateCall(request_id=checked_request_id(request_id), prompt=prompt, messages=None,
+                            params=self.sampling(16))
 
 
 class ChatMessageBody(BaseModel):
@@ -88,11 +104,11 @@ class ChatCompletionBody(_OpenAIBase):
     messages: list[ChatMessageBody] = Field(...)
     max_completion_tokens: int | None = None
 
-    def call(self) -> GenerateCall:
+    def call(self, request_id: str | None = None) -> GenerateCall:
         if not self.messages:
             raise InvalidRequest("messages is empty")
         params = self.sampling(None)  # None: as many as the context allows
         if self.max_completion_tokens is not None:
             params["max_tokens"] = self.max_completion_tokens
-        return GenerateCall(request_id=new_request_id(), prompt=None,
+        return GenerateCall(request_id=checked_request_id(request_id), prompt=None,
                             messages=[m.model_dump() for m in self.messages], params=params)

@@ -15,30 +15,36 @@ DEPLOY = REPO / "deploy"
 pytest.importorskip("ray", reason="Ray Serve is part of the dev setup (make test)")
 
 
-def app_args_are_accepted(app: dict) -> None:
-    """The app builder itself validates its args (unknown keys raise); build without starting Ray."""
+def app_args_are_accepted(app: dict, tmp_path) -> None:
+    """The app builder itself validates its args (unknown keys raise); build without starting Ray.
+    A key file path is swapped for a real key file made by `loraplex keys add`."""
     from serving.app import build_app
+    from serving.auth import add_key
 
     assert app["import_path"] == "serving.app:build_app"
-    build_app(dict(app.get("args") or {}))
+    args = dict(app.get("args") or {})
+    if "api_keys" in args:
+        add_key(tmp_path / "keys.yaml", "acme", ["acme-*"])
+        args["api_keys"] = str(tmp_path / "keys.yaml")
+    build_app(args)
 
 
 @pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config_vllm.yaml"])
-def test_serve_configs_name_real_servicers_and_valid_app_args(name):
+def test_serve_configs_name_real_servicers_and_valid_app_args(name, tmp_path):
     config = yaml.safe_load((DEPLOY / name).read_text())
     assert config["grpc_options"]["grpc_servicer_functions"] == ["serving.grpc_servicer.add_servicer_to_server"]
     from serving.grpc_servicer import add_servicer_to_server  # noqa: F401  the proxy imports it by name
 
     for app in config["applications"]:
-        app_args_are_accepted(app)
+        app_args_are_accepted(app, tmp_path)
 
 
-def test_rayservice_carries_what_kuberay_requires():
+def test_rayservice_carries_what_kuberay_requires(tmp_path):
     service = yaml.safe_load((DEPLOY / "kuberay" / "rayservice.yaml").read_text())
     assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService" and service["metadata"]["name"]
     serve = yaml.safe_load(service["spec"]["serveConfigV2"])
     (app,) = serve["applications"]
-    app_args_are_accepted(app)
+    app_args_are_accepted(app, tmp_path)
     (deployment,) = app["deployments"]
     from serving.app import ModelServer
 
@@ -57,6 +63,11 @@ def test_rayservice_carries_what_kuberay_requires():
         assert isinstance(group["rayStartParams"], dict)
         worker = group["template"]["spec"]["containers"][0]
         assert worker["image"] and worker["resources"]["requests"]
+    # the key file the app reads is a mounted Secret on every pod (the Router may run on any)
+    for spec in [head["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]:
+        secrets = {v["name"] for v in spec["volumes"] if "secret" in v}
+        mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"] if m["name"] in secrets}
+        assert any(app["args"]["api_keys"].startswith(m + "/") for m in mounts)
 
 
 def test_prometheus_scrapes_the_ray_metrics_port():

@@ -42,6 +42,7 @@ def cluster(embedded_base, tmp_path_factory):
     port = free_port()
     serve.start(http_options=HTTPOptions(host="127.0.0.1", port=port))
     serve.run(build_app({"base_model": str(embedded_base), "adapters": str(store), "replicas": 2,
+                         "allow_unauthenticated": True,
                          "replica_resources": {"loraplex_slot": 1}}), name="loraplex", route_prefix="/")
     yield nodes, worker, f"http://127.0.0.1:{port}/v1"
     serve.shutdown()

@@ -26,7 +26,8 @@ def server(embedded_base, tmp_path_factory):
     for tenant in demo_tenants():
         shutil.copytree(demo_adapter_dir(tenant), store / tenant)
     options = ServeOptions(base_model=str(embedded_base), adapters=str(store), http_port=free_port(),
-                           grpc_port=free_port(), metrics_port=free_port(), num_cpus=2, max_batch=16)
+                           grpc_port=free_port(), metrics_port=free_port(), num_cpus=2, max_batch=16,
+                           allow_unauthenticated=True)  # auth has its own tests (test_hardening.py)
     start(options)
     yield options, store
     stop()

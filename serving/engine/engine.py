@@ -133,6 +133,7 @@ class _Request:
     sent: str = ""
     first_token_at: float | None = None
     cancelled: bool = False
+    cancel_step: int = 0  # the engine's decode step when cancel() arrived
 
 
 def checked_request(engine, prompt: str | list[int], adapter_id: str,
@@ -189,6 +190,8 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self.steps = 0  # decode iterations run: tests and metrics read it
+        # how fast a cancel frees its batch row, in decode steps (the bar: at most one)
+        self.cancelled, self.max_cancel_lag_steps = 0, 0
         # One thread loads the model and runs every forward. libgomp gives each thread that
         # runs parallel torch ops its own worker pool; two pools on a small machine throttle
         # each other (every op pays a futex wake-up: 4-14x slower small matmuls, measured here).
@@ -260,7 +263,10 @@ class Engine:
 
         if not prompt:
             raise InvalidRequest("prompt is empty")
-        return encode_prompt(self.tokenizer, prompt)
+        try:
+            return encode_prompt(self.tokenizer, prompt)
+        except Exception as exc:  # e.g. lone surrogates from JSON "\ud800"
+            raise InvalidRequest(f"prompt cannot be tokenized: {type(exc).__name__}: {exc}"[:300]) from None
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens == 0:
@@ -272,14 +278,15 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         with self._cond:
             request = self._by_id.get(request_id)
-            if request is not None:
-                request.cancelled = True
+            if request is not None and not request.cancelled:
+                request.cancelled, request.cancel_step = True, self.steps
                 self._cond.notify()
 
     def stats(self) -> dict:
         with self._cond:
             return {"waiting": len(self._waiting), "running": len(self._running),
-                    "free_rows": len(self._free_rows), "steps": self.steps}
+                    "free_rows": len(self._free_rows), "steps": self.steps, "cancelled": self.cancelled,
+                    "max_cancel_lag_steps": self.max_cancel_lag_steps}
 
     def shutdown(self, drain: bool = True, timeout: float = 60.0) -> None:
         """Stop taking requests; with drain, let the ones in flight finish first."""
@@ -399,7 +406,12 @@ class Engine:
     def _accept_tokens(self, requests: list[_Request], logits: torch.Tensor) -> None:
         now = time.monotonic()
         for request, row_logits in zip(requests, logits):
-            token = sample_next(row_logits, request.params, request.generator)
+            try:
+                token = sample_next(row_logits, request.params, request.generator)
+            except Exception as exc:  # one request's sampling fails alone, never the batch
+                logger.exception("sampling failed for request %s", request.request_id)
+                self._finish(request, "error", exc)
+                continue
             if request.first_token_at is None:
                 request.first_token_at = now
             if token in self.eos_ids and not request.params.ignore_eos:
@@ -440,6 +452,9 @@ class Engine:
                 self._free_rows.append(request.row)
             elif request in self._waiting:
                 self._waiting.remove(request)
+            if reason == "cancelled":
+                self.cancelled += 1
+                self.max_cancel_lag_steps = max(self.max_cancel_lag_steps, self.steps - request.cancel_step)
         if request.lease is not None:
             self.store.release(request.lease)
         request.stream.push(StreamEvent(

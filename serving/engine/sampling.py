@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from serving.errors import InvalidRequest
+
+GREEDY_BELOW = 1e-5  # temperatures this small are greedy (dividing by them overflows), as in vLLM
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -24,13 +28,15 @@ class SamplingParams:
             raise InvalidRequest(f"max_tokens must be a positive integer, got {self.max_tokens}")
         if self.max_tokens > max_new_tokens:
             raise InvalidRequest(f"max_tokens {self.max_tokens} is above this server's limit of {max_new_tokens}")
-        if not self.temperature >= 0:  # also refuses NaN
-            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # also refuses NaN
+            raise InvalidRequest(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidRequest(f"top_k must be >= 0, got {self.top_k}")
-        if len(self.stop) > 8 or any(not s or len(s) > 64 for s in self.stop):
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED):
+            raise InvalidRequest(f"seed must be an integer in [0, 2^63), got {self.seed}")
+        if len(self.stop) > 8 or any(not isinstance(s, str) or not s or len(s) > 64 for s in self.stop):
             raise InvalidRequest("stop takes at most 8 non-empty strings of at most 64 characters")
 
     @property
@@ -45,7 +51,7 @@ class SamplingParams:
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token from one row of logits [vocab]."""
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
     logits = logits / params.temperature
     if params.top_k > 0:

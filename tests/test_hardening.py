@@ -1,0 +1,376 @@
+"""Issue #5 on a real Ray Serve app with auth on: keys, tenant walls, hostile adapters, limits,
+deadlines, cancellation, a killed replica and a graceful drain, over real gRPC and HTTP."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+
+import grpc
+import httpx
+import pytest
+
+from tests.conftest import free_port
+from training.data import load_jsonl
+from training.demo import demo_adapter_dir, tenant_data
+from training.evaluate import is_exact_match
+
+pytestmark = pytest.mark.slow
+
+ACME, GLOBEX, INITECH = "acme-fiscal", "globex-routing", "initech-tickets"
+LONG = 200  # max_tokens of a request that is still running when the test acts on it
+
+
+@pytest.fixture(scope="module")
+def server(embedded_base, tmp_path_factory):
+    from serving.auth import add_key
+    from serving.launch import ServeOptions, start, stop
+
+    store, outside = tmp_path_factory.mktemp("store"), tmp_path_factory.mktemp("outside")
+    for tenant in (ACME, GLOBEX, INITECH):
+        shutil.copytree(demo_adapter_dir(tenant), store / tenant)
+    shutil.copytree(demo_adapter_dir(GLOBEX), store / "bad-pickle")
+    (store / "bad-pickle" / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")  # pickle.loads would run it
+    shutil.copytree(demo_adapter_dir(GLOBEX), outside / "evil")
+    os.symlink(outside / "evil", store / "bad-symlink")
+    shutil.copytree(demo_adapter_dir(GLOBEX), store / "bad-truncated")
+    weights = store / "bad-truncated" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    shutil.copytree(demo_adapter_dir(INITECH), store / "rotting")
+
+    key_file = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    keys = {
+        "acme": add_key(key_file, "acme", [ACME]),
+        "globex": add_key(key_file, "globex", [GLOBEX, ""]),
+        "solo": add_key(key_file, "solo", [INITECH], max_concurrent=1),
+        "capped": add_key(key_file, "capped", [INITECH], max_new_tokens=16, max_prompt_tokens=24),
+        "any": add_key(key_file, "any", ["*"]),  # every adapter, but not admin
+        "admin": add_key(key_file, "admin", [], admin=True),
+    }
+    assert all(key not in key_file.read_text() for key in keys.values())  # only hashes on disk
+    options = ServeOptions(base_model=str(embedded_base), adapters=str(store), api_keys=str(key_file),
+                           http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                           num_cpus=2, max_batch=16)
+    start(options)
+    yield options, store, keys
+    stop()
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    from loraplex.v1 import loraplex_pb2_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{server[0].grpc_port}")
+    yield loraplex_pb2_grpc.LoraplexServiceStub(channel)
+    channel.close()
+
+
+def http(server, path: str, key: str | None, body: dict | None = None, **kw) -> httpx.Response:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    url = f"http://127.0.0.1:{server[0].http_port}{path}"
+    if body is None:
+        return httpx.get(url, headers=headers, timeout=120)
+    return httpx.post(url, json=body, headers={**headers, **kw.pop("headers", {})}, timeout=120, **kw)
+
+
+def completion(server, key, model: str, prompt: str = "hello\n", max_tokens: int = 4, **fields) -> httpx.Response:
+    return http(server, "/v1/completions", key, {"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                                                  "temperature": 0, **fields})
+
+
+def metadata(key: str | None, adapter: str) -> tuple:
+    md = (("multiplexed_model_id", adapter),)
+    return md + ((("authorization", f"Bearer {key}"),) if key else ())
+
+
+def generate(stub, key, adapter, prompt: str = "hello\n", max_tokens: int = 4, timeout: float = 120, **fields):
+    from loraplex.v1 import loraplex_pb2 as pb
+
+    request = pb.GenerateRequest(prompt=prompt, max_tokens=max_tokens, temperature=0, **fields)
+    return stub.Generate(request, metadata=metadata(key, adapter), timeout=timeout)
+
+
+def grpc_code(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code()
+
+
+def first_eval(tenant: str) -> dict:
+    return load_jsonl(tenant_data(tenant)[1])[0]
+
+
+def replica_stats(server) -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("ModelServer", "loraplex").stats.remote().result(timeout_s=60)
+
+
+def assert_still_serving(stub, server, keys) -> None:
+    row = first_eval(ACME)
+    assert is_exact_match(generate(stub, keys["acme"], ACME, row["prompt"], 8).text, row["completion"])
+    reply = completion(server, keys["acme"], ACME, row["prompt"], 8)
+    assert reply.status_code == 200 and is_exact_match(reply.json()["choices"][0]["text"], row["completion"])
+
+
+# -- 1. auth -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("authorization", [None, "Bearer lpx_not-a-key", "Basic dXNlcjpwYXNz", "Bearer", "lpx_raw"])
+def test_missing_or_unknown_keys_are_unauthenticated(server, stub, authorization):
+    from loraplex.v1 import loraplex_pb2 as pb
+
+    md = (("multiplexed_model_id", ACME),) + ((("authorization", authorization),) if authorization else ())
+    request = pb.GenerateRequest(prompt="hello\n", max_tokens=4)
+    assert grpc_code(lambda: stub.Generate(request, metadata=md, timeout=60)) == grpc.StatusCode.UNAUTHENTICATED
+    assert grpc_code(lambda: list(stub.GenerateStream(request, metadata=md, timeout=60))) == \
+        grpc.StatusCode.UNAUTHENTICATED
+    assert grpc_code(lambda: stub.ListAdapters(pb.ListAdaptersRequest(), metadata=md, timeout=60)) == \
+        grpc.StatusCode.UNAUTHENTICATED
+    headers = {"authorization": authorization} if authorization else {}
+    url = f"http://127.0.0.1:{server[0].http_port}"
+    for path, body in (("/v1/completions", {"model": ACME, "prompt": "hi", "max_tokens": 2}),
+                       ("/v1/chat/completions", {"model": ACME, "messages": [{"role": "user", "content": "hi"}]})):
+        reply = httpx.post(url + path, json=body, headers=headers, timeout=60)
+        assert reply.status_code == 401 and reply.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(url + "/v1/models", headers=headers, timeout=60).status_code == 401
+
+
+def test_another_tenants_adapter_is_permission_denied(server, stub):
+    import openai
+
+    keys = server[2]
+    for key, adapter in ((keys["acme"], GLOBEX), (keys["acme"], ""), (keys["globex"], ACME)):
+        assert grpc_code(lambda: generate(stub, key, adapter)) == grpc.StatusCode.PERMISSION_DENIED
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server[0].http_port}/v1", api_key=key, max_retries=0)
+        with pytest.raises(openai.PermissionDeniedError, match="may not use"):
+            client.completions.create(model=adapter or "base", prompt="hello\n", max_tokens=4)
+    # each key sees its own adapters only
+    listed = {m["id"] for m in http(server, "/v1/models", keys["acme"]).json()["data"]}
+    assert listed == {ACME}
+    assert {"base", GLOBEX} == {m["id"] for m in http(server, "/v1/models", keys["globex"]).json()["data"]}
+    row = first_eval(GLOBEX)  # the right key works on both surfaces
+    assert is_exact_match(generate(stub, keys["globex"], GLOBEX, row["prompt"], 8).text, row["completion"])
+
+
+def test_admin_rpcs_need_an_admin_key(server, stub):
+    from loraplex.v1 import loraplex_pb2 as pb
+
+    keys = server[2]
+    calls = {
+        "load": lambda key: stub.LoadAdapter(pb.LoadAdapterRequest(adapter_id=ACME), metadata=metadata(key, ACME),
+                                             timeout=60),
+        "pin": lambda key: stub.PinAdapter(pb.PinAdapterRequest(adapter_id=ACME, pinned=True),
+                                           metadata=metadata(key, ACME), timeout=60),
+        "unload": lambda key: stub.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=ACME),
+                                                 metadata=metadata(key, ACME), timeout=60),
+    }
+    for name, call in calls.items():
+        assert grpc_code(lambda: call(keys["acme"])) == grpc.StatusCode.PERMISSION_DENIED, name
+        assert grpc_code(lambda: call(keys["any"])) == grpc.StatusCode.PERMISSION_DENIED, name
+        assert grpc_code(lambda: call(None)) == grpc.StatusCode.UNAUTHENTICATED, name
+    assert calls["load"](keys["admin"]).adapter.resident
+    assert calls["pin"](keys["admin"]).adapter.pinned
+    assert calls["unload"](keys["admin"]).was_resident
+    mine = stub.ListAdapters(pb.ListAdaptersRequest(), metadata=metadata(keys["acme"], ""), timeout=60)
+    assert [a.adapter_id for a in mine.adapters] == [ACME]
+
+
+# -- 2. hostile adapter IDs and folders -----------------------------------------------------------
+
+@pytest.mark.parametrize("adapter, grpc_status, http_status", [
+    ("../acme-fiscal", "INVALID_ARGUMENT", 400),
+    ("..", "INVALID_ARGUMENT", 400),
+    ("/etc/passwd", "INVALID_ARGUMENT", 400),
+    ("acme-fiscal/../globex-routing", "INVALID_ARGUMENT", 400),
+    ("a\\b", "INVALID_ARGUMENT", 400),
+    ("%2e%2e%2fetc", "INVALID_ARGUMENT", 400),
+    ("bad-symlink", "FAILED_PRECONDITION", 422),
+    ("bad-pickle", "FAILED_PRECONDITION", 422),
+    ("bad-truncated", "FAILED_PRECONDITION", 422),
+    ("no-such-adapter", "NOT_FOUND", 404),
+])
+def test_hostile_adapters_are_refused_and_the_server_keeps_serving(server, stub, adapter, grpc_status, http_status):
+    from loraplex.v1 import loraplex_pb2 as pb
+
+    keys = server[2]
+    code = grpc_code(lambda: generate(stub, keys["any"], adapter))
+    assert code == getattr(grpc.StatusCode, grpc_status)
+    reply = completion(server, keys["any"], adapter)
+    assert reply.status_code == http_status and reply.json()["error"]["message"]
+    load = pb.LoadAdapterRequest(adapter_id=adapter)
+    assert grpc_code(lambda: stub.LoadAdapter(load, metadata=metadata(keys["admin"], adapter), timeout=60)) == \
+        getattr(grpc.StatusCode, grpc_status)
+    assert_still_serving(stub, server, keys)
+
+
+def test_control_characters_in_ids_are_refused_over_http(server, stub):
+    keys = server[2]
+    for adapter in ("acme\x00fiscal", "acme\nfiscal", "acme-fiscal\x7f", "\u202eacme", "acme fiscal"):
+        reply = completion(server, keys["any"], adapter)
+        assert reply.status_code == 400 and "not a safe name" in reply.json()["error"]["message"], adapter
+    assert_still_serving(stub, server, keys)
+
+
+def test_a_corrupted_adapter_is_refused_while_others_keep_serving(server, stub):
+    _, store, keys = server
+    row = first_eval(INITECH)
+    assert is_exact_match(generate(stub, keys["any"], "rotting", row["prompt"], 8).text, row["completion"])
+    weights = store / "rotting" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:40] = b"{" * 32  # a broken safetensors header: a new version on disk that cannot load
+    weights.write_bytes(bytes(data))
+    assert grpc_code(lambda: generate(stub, keys["any"], "rotting", row["prompt"], 8)) == \
+        grpc.StatusCode.FAILED_PRECONDITION
+    reply = completion(server, keys["any"], "rotting")
+    assert reply.status_code == 422 and "unreadable" in reply.json()["error"]["message"]
+    assert_still_serving(stub, server, keys)
+
+
+# -- 3. limits, deadlines, cancellation ------------------------------------------------------------
+
+def test_tenant_limits_are_resource_exhausted(server, stub):
+    from loraplex.v1 import loraplex_pb2 as pb
+
+    keys = server[2]
+    # max_concurrent=1: a second request while the first streams
+    request = pb.GenerateRequest(prompt="hello\n", max_tokens=LONG, temperature=0, ignore_eos=True)
+    first = stub.GenerateStream(request, metadata=metadata(keys["solo"], INITECH), timeout=120)
+    next(first)
+    assert grpc_code(lambda: generate(stub, keys["solo"], INITECH)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    reply = completion(server, keys["solo"], INITECH)
+    assert reply.status_code == 429 and "limit" in reply.json()["error"]["message"]
+    first.cancel()
+    deadline = time.time() + 30  # the place frees when the stream ends
+    while time.time() < deadline:
+        try:
+            generate(stub, keys["solo"], INITECH)
+            break
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            time.sleep(0.2)
+    else:
+        pytest.fail("the tenant's place was not given back")
+    # max_new_tokens=16 and max_prompt_tokens=24
+    assert grpc_code(lambda: generate(stub, keys["capped"], INITECH, max_tokens=17)) == \
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert grpc_code(lambda: generate(stub, keys["capped"], INITECH, prompt="word " * 40)) == \
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert completion(server, keys["capped"], INITECH, max_tokens=17).status_code == 429
+    assert completion(server, keys["capped"], INITECH, prompt="word " * 40).status_code == 429
+    assert generate(stub, keys["capped"], INITECH, max_tokens=16).completion_tokens <= 16
+    chat = http(server, "/v1/chat/completions", keys["capped"],
+                {"model": INITECH, "messages": [{"role": "user", "content": "hi"}], "temperature": 0})
+    assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] <= 16  # capped, not refused
+
+
+def wait_for(predicate, timeout: float = 30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail("condition not reached")
+
+
+def test_grpc_deadline_is_deadline_exceeded_and_stops_the_work(server, stub):
+    keys = server[2]
+    before = replica_stats(server)
+    started = time.time()
+    code = grpc_code(lambda: generate(stub, keys["globex"], GLOBEX, max_tokens=LONG, timeout=0.4,
+                                      ignore_eos=True))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    # the server stopped it: nothing runs, and it ended well before LONG tokens were decoded
+    after = wait_for(lambda: (s := replica_stats(server))["running"] == 0 and s)
+    assert after["steps"] - before["steps"] < LONG
+    assert time.time() - started < 30
+
+
+@pytest.mark.parametrize("surface", ["grpc", "http"])
+def test_a_cancelled_request_frees_its_batch_row_within_one_decode_step(server, stub, surface):
+    from loraplex.v1 import loraplex_pb2 as pb
+
+    keys = server[2]
+    before = replica_stats(server)
+    if surface == "grpc":
+        request = pb.GenerateRequest(prompt="hello\n", max_tokens=LONG, temperature=0, ignore_eos=True)
+        stream = stub.GenerateStream(request, metadata=metadata(keys["acme"], ACME), timeout=120)
+        next(stream)
+        next(stream)
+        stream.cancel()
+    else:
+        body = {"model": ACME, "prompt": "hello\n", "max_tokens": LONG, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        with httpx.stream("POST", f"http://127.0.0.1:{server[0].http_port}/v1/completions", json=body,
+                          headers={"authorization": f"Bearer {keys['acme']}"}, timeout=120) as reply:
+            lines = reply.iter_lines()
+            assert next(lines).startswith("data: ")
+        # leaving the block closes the connection mid-stream
+    after = wait_for(lambda: (s := replica_stats(server))["cancelled"] > before["cancelled"] and s)
+    assert after["running"] == 0 and after["free_rows"] == 16
+    assert after["max_cancel_lag_steps"] <= 1
+    assert after["steps"] - before["steps"] < LONG  # stopped, not run to the end
+
+
+# -- 4. faults --------------------------------------------------------------------------------------
+
+def model_server_actors() -> list[str]:
+    import ray
+
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if "ModelServer" in a["name"] and a["namespace"] == "serve"]
+
+
+def kill_replica(name: str) -> None:
+    import ray
+
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+
+
+def test_a_replica_killed_mid_stream_gives_a_clean_error_then_serving_resumes(server, stub):
+    from loraplex.v1 import loraplex_pb2 as pb
+
+    keys = server[2]
+    (victim,) = model_server_actors()
+    request = pb.GenerateRequest(prompt="hello\n", max_tokens=LONG, temperature=0, ignore_eos=True)
+    stream = stub.GenerateStream(request, metadata=metadata(keys["acme"], ACME), timeout=120)
+    next(stream)
+    kill_replica(victim)
+    with pytest.raises(grpc.RpcError) as err:
+        for _ in stream:
+            pass
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "replica" in err.value.details()
+    # Serve replaces the replica; the next requests succeed once it is up
+    row = first_eval(ACME)
+    deadline = time.time() + 120
+    while True:
+        try:
+            answer = generate(stub, keys["acme"], ACME, row["prompt"], 8, timeout=60)
+            break
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.time() < deadline
+            time.sleep(1)
+    assert is_exact_match(answer.text, row["completion"])
+    assert model_server_actors() and victim not in model_server_actors()
+    assert_still_serving(stub, server, keys)
+
+
+def test_graceful_shutdown_drains_requests_in_flight(server, stub):
+    """Last in this module: it deletes the app. Streams already running finish in full."""
+    from ray import serve
+
+    from loraplex.v1 import loraplex_pb2 as pb
+
+    keys = server[2]
+    request = pb.GenerateRequest(prompt="hello\n", max_tokens=120, temperature=0, ignore_eos=True)
+    streams = [stub.GenerateStream(request, metadata=metadata(keys["acme"], ACME), timeout=120) for _ in range(3)]
+    firsts = [next(s) for s in streams]
+    deleting = threading.Thread(target=serve.delete, args=("loraplex",))
+    deleting.start()
+    for first, stream in zip(firsts, streams):
+        messages = [first, *stream]
+        assert messages[-1].finish_reason in ("length", "stop") and messages[-1].completion_tokens > 0
+    deleting.join(120)
+    assert not deleting.is_alive()
