@@ -43,6 +43,7 @@ from serving.requests import (  # noqa: E402
 
 logger = logging.getLogger("ray.serve")
 
+REPLICA_ATTEMPTS = 3  # sends of a request that finds its replica dead before any output
 MAX_MULTIPLEXED = int(os.environ.get("LORAPLEX_MAX_LORAS", "8"))  # Ray fixes this when the class is defined
 
 
@@ -288,6 +289,49 @@ class Router:
             if not self.in_flight[tenant]:
                 del self.in_flight[tenant]
 
+    # -- to a ModelServer, past a replica that went away ----------------------------------------
+
+    async def _attempts(self, call: GenerateCall):
+        """Up to REPLICA_ATTEMPTS tries, each with the time left before the client's deadline.
+
+        A request that met a dead replica before any output is sent again: Serve's router can
+        still pick a replica in the second after it died, and nothing of the request was seen.
+        """
+        deadline = None if call.get("timeout") is None else time.time() + call["timeout"]
+        for attempt in range(REPLICA_ATTEMPTS):
+            if deadline is not None:
+                call["timeout"] = deadline - time.time()
+            yield attempt == REPLICA_ATTEMPTS - 1
+            await asyncio.sleep(0.5 * (attempt + 1))
+
+    async def _generate(self, adapter_id: str, call: GenerateCall) -> dict:
+        async for last in self._attempts(call):
+            try:
+                return await self._to(adapter_id).generate.remote(call)
+            except Exception as exc:
+                cause = _cause(exc)
+                if last or not isinstance(cause, ReplicaUnavailable):
+                    raise cause from None
+                logger.warning("loraplex: request %s met a dead replica; sending it again", call["request_id"])
+
+    async def _generate_stream(self, adapter_id: str, call: GenerateCall):
+        async for last in self._attempts(call):
+            chunks, started, done = self._to(adapter_id, stream=True).generate_stream.remote(call), False, False
+            try:
+                async for chunk in chunks:
+                    started = True
+                    yield chunk
+                done = True
+                return
+            except Exception as exc:
+                cause = _cause(exc)
+                if started or last or not isinstance(cause, ReplicaUnavailable):
+                    raise cause from None  # output was sent: the client sees the failure
+                logger.warning("loraplex: stream %s met a dead replica; sending it again", call["request_id"])
+            finally:
+                if not done:  # the client went away, or it failed: stop the replica's work too
+                    chunks.cancel()
+
     # -- gRPC ------------------------------------------------------------------------------------
 
     @staticmethod
@@ -316,7 +360,7 @@ class Router:
             key, call = self._grpc_key(grpc_context), self._grpc_call(request, grpc_context)
             adapter_id = serve.get_multiplexed_model_id()
             with self._admitted(key, adapter_id, call):
-                result = await self._to(adapter_id).generate.remote(call)
+                result = await self._generate(adapter_id, call)
         except Exception as exc:
             self._grpc_fail(grpc_context, _cause(exc))
             return pb.GenerateResponse()
@@ -329,7 +373,7 @@ class Router:
             key, call = self._grpc_key(grpc_context), self._grpc_call(request, grpc_context)
             adapter_id = serve.get_multiplexed_model_id()
             with self._admitted(key, adapter_id, call):
-                async for chunk in self._to(adapter_id, stream=True).generate_stream.remote(call):
+                async for chunk in self._generate_stream(adapter_id, call):
                     chunk.pop("final")
                     yield pb.GenerateResponse(**chunk)
         except Exception as exc:
@@ -435,9 +479,9 @@ class Router:
             gate.enter_context(self._admitted(key, adapter_id, call))
             if not body.stream:
                 with gate:
-                    result = await self._to(adapter_id).generate.remote(call)
+                    result = await self._generate(adapter_id, call)
                 return JSONResponse(_openai_response(result, chat), headers={"x-request-id": call["request_id"]})
-            chunks = self._to(adapter_id, stream=True).generate_stream.remote(call)
+            chunks = self._generate_stream(adapter_id, call)
             first = await chunks.__anext__()  # errors before any output still get a proper status
             return StreamingResponse(_held(gate, _sse(first, chunks, chat)), media_type="text/event-stream",
                                      headers={"x-request-id": call["request_id"]})

@@ -3,6 +3,7 @@ deadlines, cancellation, a killed replica and a graceful drain, over real gRPC a
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -11,6 +12,8 @@ import time
 import grpc
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import free_port
 from training.data import load_jsonl
@@ -312,6 +315,66 @@ def test_a_cancelled_request_frees_its_batch_row_within_one_decode_step(server, 
     assert after["running"] == 0 and after["free_rows"] == 16
     assert after["max_cancel_lag_steps"] <= 1
     assert after["steps"] - before["steps"] < LONG  # stopped, not run to the end
+
+
+# -- 5. fuzz against the live server -------------------------------------------------------------
+
+FUZZ_LIVE = dict(max_examples=40, deadline=None,
+                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+CLEAN_GRPC = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED,
+              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION}
+
+
+@pytest.fixture(scope="module")
+def fuzz_replica(server):
+    """The replica before the fuzz; the last fuzz test checks it is still the one serving."""
+    return replica_stats(server)["replica_id"]
+
+
+@settings(**FUZZ_LIVE)
+@given(data=st.data())
+def test_random_http_bodies_get_a_clear_status(server, fuzz_replica, data):
+    from tests.strategies import json_values, mutated_bodies
+
+    path = data.draw(st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+    valid = {"model": data.draw(st.sampled_from([ACME, "", "base", "../x", "bad-pickle"])), "max_tokens": 4,
+             **({"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]})}
+    body = data.draw(st.one_of(json_values, mutated_bodies(valid)))
+    reply = httpx.post(f"http://127.0.0.1:{server[0].http_port}{path}", content=json.dumps(body), timeout=120,
+                       headers={"authorization": f"Bearer {server[2]['any']}", "content-type": "application/json"})
+    assert reply.status_code in (200, 400, 403, 404, 422, 429), (body, reply.text)
+    assert reply.status_code == 200 or reply.json()["error"]["message"]
+    raw = data.draw(st.binary(max_size=64))
+    garbage = httpx.post(f"http://127.0.0.1:{server[0].http_port}{path}", content=raw, timeout=60,
+                         headers={"authorization": f"Bearer {server[2]['any']}", "content-type": "application/json"})
+    assert garbage.status_code in (200, 400), (raw, garbage.text)
+
+
+@settings(**FUZZ_LIVE)
+@given(data=st.data())
+def test_random_grpc_requests_get_a_clear_status(server, stub, fuzz_replica, data):
+    from tests.strategies import proto_requests
+
+    request = data.draw(proto_requests())
+    adapter = data.draw(st.one_of(st.sampled_from([ACME, "", "bad-symlink"]),
+                                  st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=20)))
+    try:
+        reply = stub.Generate(request, metadata=metadata(server[2]["any"], adapter), timeout=120)
+        assert reply.request_id and reply.finish_reason
+    except grpc.RpcError as exc:
+        assert exc.code() in CLEAN_GRPC and exc.details(), (request, adapter, exc)
+    raw = data.draw(st.binary(max_size=64))
+    with grpc.insecure_channel(f"127.0.0.1:{server[0].grpc_port}") as channel:
+        try:
+            channel.unary_unary("/loraplex.v1.LoraplexService/Generate")(
+                raw, metadata=metadata(server[2]["any"], ACME), timeout=60)
+        except grpc.RpcError as exc:  # undecodable bytes: grpc's own status from the proxy's deserializer
+            assert exc.code() in CLEAN_GRPC or "Error parsing message" in exc.details(), exc
+
+
+def test_the_fuzzed_replica_is_still_the_one_serving(server, stub, fuzz_replica):
+    assert replica_stats(server)["replica_id"] == fuzz_replica
+    assert_still_serving(stub, server, server[2])
 
 
 # -- 4. faults --------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -11,6 +10,7 @@ from serving.errors import InvalidRequest
 
 GREEDY_BELOW = 1e-5  # temperatures this small are greedy (dividing by them overflows), as in vLLM
 MAX_SEED = 2**63 - 1
+MAX_TEMPERATURE = 100.0  # beyond this sampling is uniform noise; OpenAI's own cap is 2
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,8 @@ class SamplingParams:
             raise InvalidRequest(f"max_tokens must be a positive integer, got {self.max_tokens}")
         if self.max_tokens > max_new_tokens:
             raise InvalidRequest(f"max_tokens {self.max_tokens} is above this server's limit of {max_new_tokens}")
-        if not 0 <= self.temperature < math.inf:  # also refuses NaN
-            raise InvalidRequest(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= MAX_TEMPERATURE):  # NaN too
+            raise InvalidRequest(f"temperature must be a number in [0, {MAX_TEMPERATURE}], got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

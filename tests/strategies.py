@@ -1,0 +1,41 @@
+"""Hypothesis strategies for hostile input, shared by the unit fuzz tests and the live-server ones."""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+from training.adapter_id import MAX_ID_LENGTH
+
+# text that tends to break parsers: separators, traversal, control and bidi characters, surrogates
+hostile_text = st.one_of(
+    st.text(),
+    st.text(alphabet=st.sampled_from(list("./\\~%:$\x00\n\r\t\x7f\u202e\u200b ") + list("az09-_")), max_size=40),
+    st.sampled_from(["..", "../x", "/etc/passwd", "a/../../b", "C:\\x", "x\x00y", "\ud800", "%2e%2e", "~root",
+                     ".hidden", "-rf", "a" * (MAX_ID_LENGTH + 1), "CON", "double", "__class__"]),
+)
+proto_text = hostile_text.filter(lambda t: not any("\ud800" <= c <= "\udfff" for c in t))  # UTF-8 on the wire
+finite_or_not = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**20, 10**20))
+json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(), st.text(max_size=30))
+json_values = st.recursive(json_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)), max_leaves=12)
+
+
+def proto_requests():
+    from loraplex.v1 import loraplex_pb2 as pb
+
+    int32 = st.integers(-2**31, 2**31 - 1)
+    message = st.builds(pb.ChatMessage, role=proto_text, content=proto_text)
+    return st.builds(
+        pb.GenerateRequest, prompt=proto_text, max_tokens=int32,
+        temperature=st.floats(width=32), top_p=st.floats(width=32), top_k=int32,
+        seed=st.integers(-2**63, 2**63 - 1), stop=st.lists(proto_text, max_size=10),
+        messages=st.lists(message, max_size=3), request_id=proto_text, ignore_eos=st.booleans())
+
+
+def mutated_bodies(base: dict):
+    """Valid bodies with fields replaced by arbitrary JSON, dropped, or added."""
+    return st.builds(
+        lambda changes, dropped: {**{k: v for k, v in base.items() if k not in dropped}, **changes},
+        st.dictionaries(st.sampled_from([*base, "stream", "n", "seed", "top_k", "top_p", "stop", "temperature",
+                                         "max_completion_tokens", "ignore_eos", "extra"]), json_values, max_size=4),
+        st.sets(st.sampled_from(list(base)), max_size=2))
