@@ -42,6 +42,8 @@ def server(embedded_base, tmp_path_factory):
     weights = store / "bad-truncated" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:5000])
     shutil.copytree(demo_adapter_dir(INITECH), store / "rotting")
+    marker = tmp_path_factory.mktemp("markers") / "code-ran"
+    plant_code(store / "bad-pickle", store / "with-code", marker)
 
     key_file = tmp_path_factory.mktemp("keys") / "keys.yaml"
     keys = {
@@ -57,8 +59,26 @@ def server(embedded_base, tmp_path_factory):
                            http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                            num_cpus=2, max_batch=16)
     start(options)
-    yield options, store, keys
+    yield options, store, keys, marker
     stop()
+
+
+def plant_code(pickle_adapter, code_adapter, marker) -> None:
+    """Payloads that would create `marker` if anything executed them: a pickle whose unpickling
+    runs a command, and Python files with an `auto_map` pointing at them (as remote code does)."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (pickle_adapter / "adapter_model.bin").write_bytes(pickle.dumps(Payload()))
+    shutil.copytree(demo_adapter_dir(GLOBEX), code_adapter)
+    for name in ("__init__.py", "adapter_model.py", "modeling_lora.py", "configuration_lora.py"):
+        (code_adapter / name).write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    config = json.loads((code_adapter / "adapter_config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_lora.Model", "AutoConfig": "configuration_lora.Config"}
+    (code_adapter / "adapter_config.json").write_text(json.dumps(config))
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +228,14 @@ def test_hostile_adapters_are_refused_and_the_server_keeps_serving(server, stub,
     assert_still_serving(stub, server, keys)
 
 
+def test_loading_adapters_never_runs_code_from_their_folder(server, stub):
+    keys, marker = server[2], server[3]
+    assert grpc_code(lambda: generate(stub, keys["any"], "bad-pickle")) == grpc.StatusCode.FAILED_PRECONDITION
+    row = first_eval(GLOBEX)  # the folder with Python files serves its safetensors weights, nothing else
+    assert is_exact_match(generate(stub, keys["any"], "with-code", row["prompt"], 8).text, row["completion"])
+    assert not marker.exists()
+
+
 def test_control_characters_in_ids_are_refused_over_http(server, stub):
     keys = server[2]
     for adapter in ("acme\x00fiscal", "acme\nfiscal", "acme-fiscal\x7f", "\u202eacme", "acme fiscal"):
@@ -217,7 +245,7 @@ def test_control_characters_in_ids_are_refused_over_http(server, stub):
 
 
 def test_a_corrupted_adapter_is_refused_while_others_keep_serving(server, stub):
-    _, store, keys = server
+    _, store, keys, _ = server
     row = first_eval(INITECH)
     assert is_exact_match(generate(stub, keys["any"], "rotting", row["prompt"], 8).text, row["completion"])
     weights = store / "rotting" / "adapter_model.safetensors"
@@ -374,6 +402,7 @@ def test_random_grpc_requests_get_a_clear_status(server, stub, fuzz_replica, dat
 
 def test_the_fuzzed_replica_is_still_the_one_serving(server, stub, fuzz_replica):
     assert replica_stats(server)["replica_id"] == fuzz_replica
+    assert not server[3].exists()  # no payload ran, whatever the fuzz sent
     assert_still_serving(stub, server, server[2])
 
 
