@@ -31,7 +31,7 @@ ensure_stubs()
 from loraplex.v1 import loraplex_pb2 as pb  # noqa: E402
 
 from serving.auth import (  # noqa: E402
-    AUTH_OFF_WARNING, KeyTable, TenantKey, TenantLimits, authorize, require_admin, resolve_key_table,
+    AUTH_OFF_WARNING, KeyTable, TenantKey, TenantLimits, auth_from_args, authorize, require_admin,
 )
 from serving.engine.engine import EngineConfig  # noqa: E402
 from serving.errors import (  # noqa: E402
@@ -490,21 +490,6 @@ class Router:
             return _openai_error(_cause(exc))
 
 
-def _auth_config(args: dict) -> tuple[list[dict] | None, TenantLimits]:
-    """The hashed key table for the Router, or None when auth is off (the demo, or said so)."""
-    allow_open = bool(args.pop("allow_unauthenticated", False))
-    limits = TenantLimits(**{name: args.pop(f"tenant_{name}") for name in
-                             ("max_concurrent", "max_prompt_tokens", "max_new_tokens") if f"tenant_{name}" in args})
-    table = resolve_key_table(args.pop("api_keys", None), limits)
-    if table is not None:
-        return table.to_config(), limits
-    if not (allow_open or args.get("adapters") is None):
-        raise ValueError("no API keys: pass api_keys=FILE (make one with `loraplex keys add`) or set "
-                         "$LORAPLEX_API_KEYS_FILE; allow_unauthenticated=true serves without auth (local only)")
-    logger.warning("loraplex: %s", AUTH_OFF_WARNING)
-    return None, limits
-
-
 def build_app(args: dict | None = None):
     """Serve app builder (`import_path: serving.app:build_app`); args are EngineConfig fields plus
     `replicas` (or `autoscaling_config`), `metrics_port`, `replica_resources`, and auth:
@@ -520,7 +505,10 @@ def build_app(args: dict | None = None):
     replica_resources = dict(args.pop("replica_resources", None) or {})
     # Serve autoscaling (min_replicas, max_replicas, target_ongoing_requests, ...) replaces `replicas`
     autoscaling = args.pop("autoscaling_config", None)
-    api_keys, limits = _auth_config(args)
+    table, limits = auth_from_args(args)  # pops the auth args; raises when keys are required
+    api_keys = table.to_config() if table is not None else None
+    if table is None:
+        logger.warning("loraplex: %s", AUTH_OFF_WARNING)
     known = {f.name for f in fields(EngineConfig)}
     unknown = sorted(set(args) - known)
     if unknown:

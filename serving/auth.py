@@ -47,6 +47,10 @@ class KeyFileError(LoraplexError):
     """The key file is missing or malformed; the message says where."""
 
 
+class KeysRequired(LoraplexError):
+    """Own adapters and no keys: the server will not serve them to anyone who asks."""
+
+
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -183,6 +187,18 @@ def resolve_key_table(api_keys: str | None, defaults: TenantLimits) -> KeyTable 
     if inline:
         return KeyTable.parse(inline, f"${ENV_INLINE}", defaults)
     return None
+
+
+def auth_from_args(args: dict) -> tuple[KeyTable | None, TenantLimits]:
+    """Pop the app's auth args; the key table, or None when auth is off (the demo, or said so)."""
+    allow_open = bool(args.pop("allow_unauthenticated", False))
+    limits = TenantLimits(**{name: args.pop(f"tenant_{name}") for name in
+                             ("max_concurrent", "max_prompt_tokens", "max_new_tokens") if f"tenant_{name}" in args})
+    table = resolve_key_table(args.pop("api_keys", None), limits)
+    if table is None and not (allow_open or args.get("adapters") is None):
+        raise KeysRequired("no API keys: pass --api-keys FILE / api_keys (make one with `loraplex keys add`) or "
+                           f"set ${ENV_FILE}; --allow-unauthenticated serves without auth (local testing only)")
+    return table, limits
 
 
 def add_key(path: str | Path, name: str, adapters: list[str], admin: bool = False, **limits) -> str:

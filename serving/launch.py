@@ -55,6 +55,7 @@ def start(options: ServeOptions) -> None:
     from ray.serve.config import HTTPOptions, gRPCOptions
 
     from serving.app import build_app
+    from serving.auth import auth_from_args
     from serving.grpc_servicer import SERVICER_FUNCTION
 
     if options.engine == "vllm":  # say so before starting Ray, not from inside a failing replica
@@ -67,6 +68,7 @@ def start(options: ServeOptions) -> None:
     args = engine_args(options)
     auth = {name: getattr(options, name) for name in AUTH_ARGS}
     auth["allow_unauthenticated"] = options.allow_unauthenticated or demo
+    auth_from_args({**args, **auth})  # a missing or bad key file stops us here, before Ray starts
     if not ray.is_initialized():
         ray.init(num_cpus=options.num_cpus, include_dashboard=False, _metrics_export_port=options.metrics_port,
                  log_to_driver=False)
