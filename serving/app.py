@@ -80,9 +80,6 @@ class ModelServer:
         from serving.engine.sampling import SamplingParams
 
         adapter_id = serve.get_multiplexed_model_id()
-        timeout = call.get("timeout")
-        if timeout is not None and timeout <= 0:
-            raise DeadlineExceeded(f"request {call['request_id']} reached its deadline before it started")
         if adapter_id:
             await self.get_adapter(adapter_id)
         prompt = call["prompt"]
@@ -105,7 +102,7 @@ class ModelServer:
                 room = max(1, self.engine.max_seq - len(prompt_ids))
                 params = replace(params, max_tokens=min(limits.max_new_tokens, room))
         return adapter_id, self.engine.submit(prompt_ids, adapter_id, params, request_id=call["request_id"],
-                                              timeout=timeout)
+                                              timeout=call.get("timeout"))
 
     def _final(self, adapter_id: str, request_id: str, text: str, event) -> dict:
         if event.error is not None:
@@ -279,8 +276,7 @@ class Router:
         if limits.max_concurrent is not None and self.in_flight[tenant] >= limits.max_concurrent:
             raise TenantLimitExceeded(f"tenant {tenant} has {limits.max_concurrent} requests in flight "
                                       "(its limit); retry when one finishes")
-        limits.check_new_tokens(call["params"].get("max_tokens"))
-        call["limits"] = asdict(limits)
+        call["limits"] = asdict(limits)  # the prompt and token limits are checked by the ModelServer
         self.in_flight[tenant] += 1
         try:
             yield

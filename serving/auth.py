@@ -178,15 +178,19 @@ def require_admin(key: TenantKey | None, action: str) -> None:
         raise PermissionDenied(f"{action} needs an admin API key ({key.name} is not one)")
 
 
+def keys_configured(api_keys: str | None) -> bool:
+    """Whether the app arg or the environment names keys (then auth is on)."""
+    return bool(api_keys or os.environ.get(ENV_FILE) or os.environ.get(ENV_INLINE))
+
+
 def resolve_key_table(api_keys: str | None, defaults: TenantLimits) -> KeyTable | None:
     """The keys from the app arg, else $LORAPLEX_API_KEYS_FILE, else $LORAPLEX_API_KEYS; None if none."""
+    if not keys_configured(api_keys):
+        return None
     path = api_keys or os.environ.get(ENV_FILE)
     if path:
         return KeyTable.load(path, defaults)
-    inline = os.environ.get(ENV_INLINE)
-    if inline:
-        return KeyTable.parse(inline, f"${ENV_INLINE}", defaults)
-    return None
+    return KeyTable.parse(os.environ[ENV_INLINE], f"${ENV_INLINE}", defaults)
 
 
 def auth_from_args(args: dict) -> tuple[KeyTable | None, TenantLimits]:

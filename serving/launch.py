@@ -55,7 +55,6 @@ def start(options: ServeOptions) -> None:
     from ray.serve.config import HTTPOptions, gRPCOptions
 
     from serving.app import build_app
-    from serving.auth import auth_from_args
     from serving.grpc_servicer import SERVICER_FUNCTION
 
     if options.engine == "vllm":  # say so before starting Ray, not from inside a failing replica
@@ -68,7 +67,8 @@ def start(options: ServeOptions) -> None:
     args = engine_args(options)
     auth = {name: getattr(options, name) for name in AUTH_ARGS}
     auth["allow_unauthenticated"] = options.allow_unauthenticated or demo
-    auth_from_args({**args, **auth})  # a missing or bad key file stops us here, before Ray starts
+    # built before Ray starts: bad app args or a missing or bad key file stop us here
+    app = build_app({**args, **auth, "replicas": options.replicas, "metrics_port": options.metrics_port})
     if not ray.is_initialized():
         ray.init(num_cpus=options.num_cpus, include_dashboard=False, _metrics_export_port=options.metrics_port,
                  log_to_driver=False)
@@ -76,8 +76,7 @@ def start(options: ServeOptions) -> None:
         http_options=HTTPOptions(host=options.host, port=options.http_port),
         grpc_options=gRPCOptions(port=options.grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION]),
     )
-    serve.run(build_app({**args, **auth, "replicas": options.replicas, "metrics_port": options.metrics_port}),
-              name=APP_NAME, route_prefix="/")
+    serve.run(app, name=APP_NAME, route_prefix="/")
 
 
 def stop() -> None:
@@ -89,11 +88,9 @@ def stop() -> None:
 
 
 def auth_summary(options: ServeOptions) -> str:
-    import os
+    from serving.auth import AUTH_OFF_WARNING, keys_configured
 
-    from serving.auth import AUTH_OFF_WARNING, ENV_FILE, ENV_INLINE
-
-    if options.api_keys or os.environ.get(ENV_FILE) or os.environ.get(ENV_INLINE):
+    if keys_configured(options.api_keys):
         return "  auth  API keys required (authorization: Bearer <key>)"
     return "  auth  " + "!" * 20 + "\n  " + AUTH_OFF_WARNING + "\n  " + "!" * 20
 
