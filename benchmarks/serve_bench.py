@@ -6,7 +6,7 @@
 
 Reports generated tokens/s and p50/p99 request latency; prints a table and writes JSON.
 
-    python benchmarks/serve_bench.py [--clients 16] [--adapters 8] [--requests 64] [--max-tokens 32]
+    python benchmarks/serve_bench.py [--clients 16] [--adapters 8] [--requests 64] [--max-tokens 32] [--rank 16]
 """
 
 from __future__ import annotations
@@ -105,6 +105,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--naive-requests", type=int, default=16, help="(b) is slow: fewer requests, same per-request work")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--rank", type=int, default=16, help="rank of the random adapters")
     parser.add_argument("--quantization", default="nf4", choices=["nf4", "bf16", "awq"])
     parser.add_argument("--engine", default="torch", choices=["torch", "vllm"], help="(a) and (c) run on this engine")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve.json"))
@@ -116,7 +117,7 @@ def main() -> int:
 
     base_dir = args.base_model or ensure_base()
     store = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
-    adapter_dirs = {f"bench-{i}": make_random_adapter(base_dir, store / f"bench-{i}", seed=i, rank=16)
+    adapter_dirs = {f"bench-{i}": make_random_adapter(base_dir, store / f"bench-{i}", seed=i, rank=args.rank)
                     for i in range(args.adapters)}
     ids = list(adapter_dirs)
     jobs = [(PROMPTS[i % len(PROMPTS)], ids[i % len(ids)]) for i in range(args.requests)]
