@@ -14,8 +14,10 @@ from typing import Callable
 
 import torch
 
-from training.errors import BaseMismatch, DataError, LoraplexError
-from training.manifest import MANIFEST_NAME, base_fingerprint, check_same_base, read_manifest
+from loraplex.training import lora_format
+from loraplex.training.errors import BaseMismatch, DataError, LoraplexError
+from loraplex.training.lora_format import LoraFormatError, LoraModule
+from loraplex.training.manifest import MANIFEST_NAME, base_fingerprint, check_same_base, read_manifest
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 MERGE_TARGETS = ("fp16", "nf4-dequant")
@@ -46,7 +48,7 @@ def check_adapter_matches_base(base_dir: Path, adapter_dir: Path, force: bool = 
 
 def load_merge_base(base_dir: Path, dtype: torch.dtype, merge_into: str):
     """The dense base to merge into: its FP16/BF16 weights, or its NF4 weights dequantized."""
-    from training.quant import load_dense_base
+    from loraplex.training.quant import load_dense_base
 
     if merge_into not in MERGE_TARGETS:
         raise DataError(f"unknown merge target {merge_into!r}: use one of {', '.join(MERGE_TARGETS)}")
@@ -61,7 +63,7 @@ def _replace_with_dequantized_nf4(model, base_dir: Path) -> None:
     import bitsandbytes.functional as bnbf
     from bitsandbytes.nn import Linear4bit
 
-    from training.quant import load_nf4_base
+    from loraplex.training.quant import load_nf4_base
 
     nf4 = load_nf4_base(base_dir, "cpu")
     dense = dict(model.named_modules())
@@ -74,16 +76,24 @@ def _replace_with_dequantized_nf4(model, base_dir: Path) -> None:
 
 def merge_adapter(base_dir: Path, adapter_dir: Path, dtype: str = "fp16", merge_into: str = "fp16",
                   progress: Callable[[str], None] = print):
-    """PEFT merge_and_unload on the dense base, then prove each merged weight is W + s*B@A."""
+    """PEFT merge_and_unload on the dense base, then prove each merged weight is W + s*B@A.
+
+    The adapter is read and checked against the base's shapes (lora_format) before the base loads;
+    s comes from lora_format too, so the merge is checked against the scaling serving applies."""
     from peft import PeftModel
 
+    _, modules = lora_format.read_adapter(adapter_dir)
+    try:
+        lora_format.check_fits(modules, lora_format.base_linear_shapes(base_dir), max_rank=None)
+    except LoraFormatError as exc:
+        raise DataError(f"adapter {adapter_dir} does not fit base {base_dir}: {exc}") from None
     model = load_merge_base(base_dir, DTYPES[dtype], merge_into)
     progress(f"merge: loading adapter {adapter_dir}")
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     except (RuntimeError, ValueError, KeyError) as exc:  # shape or module mismatch: another architecture
         raise DataError(f"adapter {adapter_dir} does not fit base {base_dir}: {str(exc).splitlines()[0]}") from None
-    expected = _expected_merged_weights(peft_model)
+    expected = _expected_merged_weights(peft_model, modules)
     merged = peft_model.merge_and_unload()
     check_merged_weights(merged, expected)
     progress(f"merge: {len(expected)} layers merged into {merge_into} weights ({dtype}), each checked = W + s*B@A")
@@ -91,19 +101,15 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, dtype: str = "fp16", merge_
 
 
 @torch.no_grad()
-def _expected_merged_weights(peft_model) -> dict[str, torch.Tensor]:
+def _expected_merged_weights(peft_model, modules: dict[str, LoraModule]) -> dict[str, torch.Tensor]:
     """W + scaling * B @ A in fp32 for every adapted linear, computed before PEFT merges."""
+    layers = dict(peft_model.named_modules())
     expected = {}
-    for name, module in peft_model.named_modules():
-        if not hasattr(module, "lora_A") or "default" not in getattr(module, "lora_A", {}):
-            continue
-        a = module.lora_A["default"].weight.float()
-        b = module.lora_B["default"].weight.float()
-        w = module.base_layer.weight.float()
-        delta = module.scaling["default"] * (b @ a)
-        if getattr(module, "fan_in_fan_out", False):
-            delta = delta.T
-        expected[name.removeprefix("base_model.model.")] = w + delta
+    for name, lora in modules.items():
+        layer = layers.get(f"base_model.model.{name}")
+        if layer is None or not hasattr(layer, "base_layer"):
+            raise DataError(f"PEFT did not adapt {name}, which the adapter's weights target")
+        expected[name] = layer.base_layer.weight.float() + lora.scaling * (lora.b.float() @ lora.a.float())
     if not expected:
         raise DataError("the adapter targets no layer of this base")
     return expected

@@ -39,6 +39,15 @@ def cmd_keys_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapters_import(args: argparse.Namespace) -> int:
+    from loraplex.training.adapter_import import import_adapter
+
+    dest = import_adapter(args.src, args.base, args.store, args.id, max_rank=args.max_rank,
+                          warn=lambda line: print(line, file=sys.stderr))
+    print(f"imported {args.src} as '{dest.name}' into {args.store} (provenance: imported)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from loraplex.demo import run_demo
 
@@ -70,6 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     for limit in ("max-concurrent", "max-prompt-tokens", "max-new-tokens"):
         add.add_argument(f"--{limit}", type=int, help="this tenant's own limit")
     add.set_defaults(func=cmd_keys_add)
+
+    adapters = sub.add_parser("adapters", help="adapter store tools")
+    imp = adapters.add_subparsers(dest="adapters_command", required=True).add_parser(
+        "import", help="check a plain PEFT adapter folder against the base and copy it into a store")
+    imp.add_argument("src", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    imp.add_argument("--base", required=True, help="the base model folder the store serves")
+    imp.add_argument("--store", required=True, help="adapter store folder (serve --adapters)")
+    imp.add_argument("--id", help="adapter ID in the store (default: the folder's name)")
+    imp.add_argument("--max-rank", type=int, default=64, help="largest rank accepted (the server's --max-lora-rank)")
+    imp.set_defaults(func=cmd_adapters_import)
 
     demo = sub.add_parser("demo", help="the embedded base + demo tenant adapters, side by side")
     demo.add_argument("--retrain", action="store_true", help="retrain the demo adapters first")

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loraplex.training.lora_format import LoraModule
+
 # Linears of one decoder layer that read the same input, by their PEFT module-path suffix.
 GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
           ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
@@ -116,6 +118,8 @@ class LoraGroup(nn.Module):
 class LoraSlots:
     """All LoRA groups of one model, addressed as numbered adapter slots."""
 
+    per_module_scaling = True  # tells the store that rank_pattern/alpha_pattern adapters fit here
+
     def __init__(self, model: nn.Module, n_adapters: int, max_rank: int, max_batch: int) -> None:
         self.n_slots = n_adapters + 1  # slot 0: no adapter
         self.layout = BatchLayout(self.n_slots)
@@ -138,12 +142,16 @@ class LoraSlots:
         """Batch position i holds slot slots[i] for the next forward passes."""
         self.layout.set(slots)
 
-    def load_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float) -> None:
-        """weights: {module path: (A [r, d_in], B [d_out, r])}; modules not targeted stay zero."""
+    def load_slot(self, slot: int, weights: dict[str, LoraModule]) -> None:
+        """weights: {module path: LoraModule}, each with its own rank and scaling (rank_pattern,
+        alpha_pattern, rsLoRA); smaller ranks are zero-padded to the slot's, untargeted modules stay zero."""
         for path, (group, member) in self._members.items():
-            a, b = weights.get(path, (None, None))
-            group.load_slot(slot, member, a, b, scaling)
-        self.layout.slot_rank[slot] = max(a.shape[0] for a, _ in weights.values())
+            module = weights.get(path)
+            if module is None:
+                group.load_slot(slot, member, None, None, 0.0)
+            else:
+                group.load_slot(slot, member, module.a, module.b, module.scaling)
+        self.layout.slot_rank[slot] = max(m.rank for m in weights.values())
         self.layout.slot_generation[slot] += 1
 
     def clear_slot(self, slot: int) -> None:

@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.adapter_id import validate_adapter_id
-from serving.errors import AdapterNotFound, AdapterRejected, NoFreeSlot
-from training.errors import LoraplexError
-from training.manifest import MANIFEST_NAME
+from loraplex.serving.errors import AdapterNotFound, AdapterRejected, NoFreeSlot
+from loraplex.training import lora_format
+from loraplex.training.adapter_id import validate_adapter_id
+from loraplex.training.errors import LoraplexError
+from loraplex.training.lora_format import CONFIG_NAME, WEIGHTS_NAME, LoraFormatError, LoraModule, LoraSpec
+from loraplex.training.manifest import MANIFEST_NAME
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 
 
 @dataclass
@@ -79,53 +79,56 @@ class AdapterStore:
     def validate(self, adapter_id: str) -> tuple[Path, dict, dict]:
         """Check an adapter before any weight is read: files, manifest, config. Returns its config."""
         folder = self.folder(adapter_id)
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise AdapterRejected(f"adapter '{adapter_id}' contains pickle files ({', '.join(pickles)}); "
-                                  "only safetensors are loaded")
+        try:
+            lora_format.check_files(folder)
+        except LoraFormatError as exc:
+            raise AdapterRejected(f"adapter '{adapter_id}': {exc}") from None
         for name in (*ADAPTER_FILES, MANIFEST_NAME):
             path = folder / name
             if not path.is_file() or path.is_symlink() and path.resolve().parent != folder:
                 raise AdapterRejected(f"adapter '{adapter_id}' is missing {name}")
-        weights = folder / "adapter_model.safetensors"
+        weights = folder / WEIGHTS_NAME
         if weights.stat().st_size > self.max_adapter_bytes:
             raise AdapterRejected(f"adapter '{adapter_id}' is larger than {self.max_adapter_bytes} bytes")
         manifest = _read_json(folder / MANIFEST_NAME, adapter_id)
         if manifest.get("base_fingerprint") != self.base_fingerprint:
             raise AdapterRejected(f"adapter '{adapter_id}' was trained on another base "
                                   f"({str(manifest.get('base_fingerprint'))[:19]}...)")
-        config = _read_json(folder / "adapter_config.json", adapter_id)
-        _check_lora_config(adapter_id, config, self.max_rank)
+        config = _read_json(folder / CONFIG_NAME, adapter_id)
+        self._check_spec(adapter_id, config)
         return folder, config, manifest
 
-    def _read_weights(self, adapter_id: str, raw: bytes, config: dict) -> dict[str, tuple]:
-        """{module path: (A, B)} after checking each tensor's module exists and shapes fit."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load
-
+    def _check_spec(self, adapter_id: str, config: dict) -> LoraSpec:
+        """The config's LoRA features and declared ranks, against what these slots can hold."""
         try:
-            tensors = load(raw)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise AdapterRejected(f"adapter '{adapter_id}' weights are unreadable: {exc}") from None
-        pairs: dict[str, dict] = {}
-        for key, tensor in tensors.items():
-            module, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
-            if part not in ("A.weight", "B.weight"):
-                raise AdapterRejected(f"adapter '{adapter_id}' has an unsupported tensor {key}")
-            pairs.setdefault(module, {})[part[0]] = tensor
-        shapes = self.slots.module_shapes
-        rank = int(config["r"])
-        for module, ab in pairs.items():
-            if module not in shapes:
-                raise AdapterRejected(f"adapter '{adapter_id}' targets {module}, which the base does not have")
-            d_in, d_out = shapes[module]
-            if set(ab) != {"A", "B"} or ab["A"].shape != (rank, d_in) or ab["B"].shape != (d_out, rank):
-                raise AdapterRejected(f"adapter '{adapter_id}' has wrong shapes for {module}")
-            if not all(bool(t.isfinite().all()) for t in ab.values()):
-                raise AdapterRejected(f"adapter '{adapter_id}' has non-finite weights in {module}")
-        if not pairs:
-            raise AdapterRejected(f"adapter '{adapter_id}' has no LoRA weights")
-        return {m: (ab["A"], ab["B"]) for m, ab in pairs.items()}
+            spec = lora_format.parse_config(config)
+        except LoraFormatError as exc:
+            raise AdapterRejected(f"adapter '{adapter_id}': {exc}") from None
+        declared = max([spec.rank, *spec.rank_pattern.values()])
+        if declared > self.max_rank:
+            raise AdapterRejected(f"adapter '{adapter_id}': rank {declared} is above this server's maximum "
+                                  f"of {self.max_rank}")
+        if spec.has_patterns and not getattr(self.slots, "per_module_scaling", False):
+            raise AdapterRejected(f"adapter '{adapter_id}': rank_pattern/alpha_pattern (per-module rank or "
+                                  "scaling) is served by the torch engine only; use --engine torch")
+        return spec
+
+    def _read_weights(self, adapter_id: str, raw: bytes, config: dict) -> dict[str, LoraModule]:
+        """{module path: LoraModule} after checking each tensor's module exists and shapes fit."""
+        try:
+            modules = lora_format.parse_weights(lora_format.parse_config(config), lora_format.load_weights(raw))
+            lora_format.check_fits(modules, self.slots.module_shapes, self.max_rank)
+        except LoraFormatError as exc:
+            raise AdapterRejected(f"adapter '{adapter_id}': {exc}") from None
+        return modules
+
+    def provenance(self, adapter_id: str) -> str:
+        """Where the adapter came from, per its manifest: "trained" (by loraplex) or "imported"; "" if unreadable."""
+        try:
+            manifest = json.loads((self.folder(adapter_id) / MANIFEST_NAME).read_text())
+        except (LoraplexError, OSError, ValueError):
+            return ""
+        return str(manifest.get("provenance", "trained")) if isinstance(manifest, dict) else ""
 
     # -- residency ---------------------------------------------------------------------------
 
@@ -160,9 +163,9 @@ class AdapterStore:
         folder, config, _ = self.validate(adapter_id)
         version = self._version(folder)
         files = {name: (folder / name).read_bytes() for name in ADAPTER_FILES}  # read once: check, hash, place
-        weights = self._read_weights(adapter_id, files["adapter_model.safetensors"], config)
+        weights = self._read_weights(adapter_id, files[WEIGHTS_NAME], config)
         version_id = hashlib.sha256(b"".join(files.values())).hexdigest()[:12]
-        rank = int(config["r"])
+        rank = max(m.rank for m in weights.values())
         slot = self._take_slot()
         try:
             self._place(slot, adapter_id, version_id, config, weights, files)
@@ -177,10 +180,9 @@ class AdapterStore:
 
     def _place(self, slot: int, adapter_id: str, version_id: str, config: dict, weights: dict,
                files: dict[str, bytes]) -> None:
-        """Put a validated adapter into a slot: here its tensors (the vLLM store registers the files)."""
-        rank = int(config["r"])
-        scaling = config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)
-        self.slots.load_slot(slot, weights, scaling)
+        """Put a validated adapter into a slot: here its tensors, each module with its own rank and
+        scaling (the vLLM store registers the files instead)."""
+        self.slots.load_slot(slot, weights)
 
     def _take_slot(self) -> int:
         if self._free:
@@ -259,26 +261,3 @@ def _read_json(path: Path, adapter_id: str) -> dict:
     if not isinstance(data, dict):
         raise AdapterRejected(f"adapter '{adapter_id}': {path.name} is not a JSON object")
     return data
-
-
-def _check_lora_config(adapter_id: str, config: dict, max_rank: int) -> None:
-    def reject(reason: str):
-        raise AdapterRejected(f"adapter '{adapter_id}': {reason}")
-
-    if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        reject(f"peft_type {config.get('peft_type')} is not LORA")
-    rank = config.get("r")
-    if not isinstance(rank, int) or rank <= 0:
-        reject("adapter_config.json has no positive integer rank 'r'")
-    if rank > max_rank:
-        reject(f"rank {rank} is above this server's maximum of {max_rank}")
-    if not isinstance(config.get("lora_alpha"), (int, float)) or config["lora_alpha"] <= 0:
-        reject("lora_alpha must be a positive number")
-    for key, why in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out"),
-                     ("modules_to_save", "modules_to_save"), ("rank_pattern", "per-module ranks"),
-                     ("alpha_pattern", "per-module alphas")):
-        if config.get(key):
-            reject(f"{why} is not supported by the batched LoRA engine")
-    if config.get("bias", "none") != "none":
-        reject("LoRA bias terms are not supported")
-
