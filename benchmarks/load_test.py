@@ -62,9 +62,9 @@ class LoadResult:
 
 def prepare_store(root: Path, base_dir: Path) -> tuple[list[str], dict[str, str], Path]:
     """8 adapters (the 3 demo tenants + 5 random ones), one API key each; returns IDs, keys, key file."""
-    from serving.auth import add_key
-    from training.demo import demo_adapter_dir, demo_tenants
-    from training.random_adapter import make_random_adapter
+    from loraplex.serving.auth import add_key
+    from loraplex.training.demo import demo_adapter_dir, demo_tenants
+    from loraplex.training.random_adapter import make_random_adapter
 
     store = root / "store"
     store.mkdir(parents=True)
@@ -273,9 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/load.json"))
     args = parser.parse_args(argv)
 
-    from serving.launch import ServeOptions, start, stop
+    from loraplex.serving.launch import ServeOptions, start, stop
     from tests.conftest import free_port
-    from training.base import ensure_base
+    from loraplex.training.base import ensure_base
 
     base_dir = ensure_base()
     with tempfile.TemporaryDirectory() as tmp:

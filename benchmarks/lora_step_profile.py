@@ -38,13 +38,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from torch.profiler import ProfilerActivity, profile
 
-    from serving.engine.lora_batch import LoraSlots
-    from serving.engine.runner import KVCacheRunner
-    from serving.engine.store import AdapterStore
-    from training.base import ensure_base
-    from training.manifest import base_fingerprint
-    from training.quant import load_nf4_base
-    from training.random_adapter import make_random_adapter
+    from loraplex.serving.engine.lora_batch import LoraSlots
+    from loraplex.serving.engine.runner import KVCacheRunner
+    from loraplex.serving.engine.store import AdapterStore
+    from loraplex.training.base import ensure_base
+    from loraplex.training.manifest import base_fingerprint
+    from loraplex.training.quant import load_nf4_base
+    from loraplex.training.random_adapter import make_random_adapter
 
     base = ensure_base()
     store = Path(tempfile.mkdtemp(prefix="loraplex-profile-"))

@@ -41,7 +41,7 @@ def _summary(name: str, latencies: list[float], tokens: int, elapsed: float) -> 
 
 def run_engine(engine, jobs: list[tuple[str, str]], clients: int, max_tokens: int, name: str) -> dict:
     """`clients` threads, each sending its share of jobs one after another."""
-    from serving.engine.sampling import SamplingParams
+    from loraplex.serving.engine.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)  # same work in every mode
     latencies, tokens, lock = [], [0], threading.Lock()
@@ -69,9 +69,9 @@ def run_naive_peft(base_dir: Path, adapter_dirs: dict[str, Path], jobs, max_toke
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from training.adapter_id import internal_name
-    from training.data import encode_prompt
-    from training.quant import load_nf4_base
+    from loraplex.training.adapter_id import internal_name
+    from loraplex.training.data import encode_prompt
+    from loraplex.training.quant import load_nf4_base
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     model = None
@@ -111,9 +111,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve.json"))
     args = parser.parse_args()
 
-    from serving.engine.engine import EngineConfig, create_engine
-    from training.base import ensure_base
-    from training.random_adapter import make_random_adapter
+    from loraplex.serving.engine import EngineConfig, create_engine
+    from loraplex.training.base import ensure_base
+    from loraplex.training.random_adapter import make_random_adapter
 
     base_dir = args.base_model or ensure_base()
     store = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))

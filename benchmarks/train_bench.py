@@ -47,7 +47,7 @@ def build(method: str, base_dir: Path, device: str):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from training.quant import load_dense_base, load_nf4_base
+    from loraplex.training.quant import load_dense_base, load_nf4_base
 
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     if method == "qlora":
@@ -69,8 +69,8 @@ def run_one(method: str, base_dir: Path, steps: int, batch_size: int) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from training.data import CompletionCollator, encode_example, load_jsonl
-    from training.demo import tenant_data
+    from loraplex.training.data import CompletionCollator, encode_example, load_jsonl
+    from loraplex.training.demo import tenant_data
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -112,7 +112,7 @@ def main() -> int:
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args()
 
-    from training.base import ensure_base
+    from loraplex.training.base import ensure_base
 
     base_dir = args.base_model or ensure_base()
     if args.method:

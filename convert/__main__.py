@@ -1,3 +1,3 @@
-from convert.cli import main
+from loraplex.convert.cli import main
 
 raise SystemExit(main())

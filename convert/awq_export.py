@@ -6,20 +6,19 @@ compressed-tensors `pack-quantized` format (int4 packed into int32, one scale pe
 vLLM serves with its Marlin/Machete WNA16 kernels and transformers loads on CPU for checking.
 
 llm-compressor 0.13/0.14 crash on a machine without an accelerator: AWQ pins its cached
-activations before each smoothing search (see `_no_pinning_without_accelerator`). See
+activations before each smoothing search (see convert/llmcompressor_compat.py). See
 convert/AWQ_NOTES.md for versions and how the export was verified.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from unittest import mock
 
 import torch
 
-from training.errors import ConfigError, LoraplexError
+from loraplex.convert.llmcompressor_compat import no_pinning_without_accelerator
+from loraplex.training.errors import ConfigError, LoraplexError
 
 SUPPORTED_BITS = (4,)
 # Group sizes vLLM's WNA16 kernels (Marlin, Machete) accept; each quantized layer's input
@@ -53,7 +52,7 @@ def export_awq(
     _check_divisible(model, group_size)
     calibration = _tokenize(tokenizer, calib_texts)
     progress(f"AWQ: {len(calib_texts)} calibration rows, int{bits}, group size {group_size}")
-    with _no_pinning_without_accelerator():
+    with no_pinning_without_accelerator():
         oneshot(
             model=model,
             dataset=calibration,
@@ -122,26 +121,6 @@ def _tokenize(tokenizer, texts: list[str]):
     )
 
 
-@contextlib.contextmanager
-def _no_pinning_without_accelerator() -> Iterator[None]:
-    """Skip llm-compressor's activation-cache pinning when there is no accelerator.
-
-    Since llmcompressor 0.13 (PR #2813), AWQModifier._apply_smoothing pins its cached activations
-    unconditionally (modifiers/transform/awq/base.py:507 in 0.14.0.1, via pipelines/cache.py:155);
-    on a CPU-only torch, Tensor.pin_memory() raises "Cannot access accelerator device when none
-    is available". Pinning only speeds host-to-device copies and there are none without a device,
-    so the no-op is exact; it restores 0.12's behaviour, which pinned only when
-    torch.accelerator.is_available().
-    """
-    if torch.accelerator.is_available():
-        yield
-        return
-    from llmcompressor.pipelines.cache import IntermediatesCache
-
-    with mock.patch.object(IntermediatesCache, "pin_memory", lambda *args, **kwargs: None):
-        yield
-
-
 def _awq_recipe(bits: int, group_size: int) -> list:
     """AWQ scale search, then symmetric int group quantization of every Linear but lm_head.
 
@@ -155,7 +134,7 @@ def _awq_recipe(bits: int, group_size: int) -> list:
     except ImportError as exc:
         raise LoraplexError(
             f"AWQ export needs llm-compressor ({exc.name} is missing): "
-            "pip install -c constraints/cpu.txt 'loraplex[convert]'"
+            "pip install -c constraints/cpu.txt 'loraplex[awq]'"
         ) from None
     weights = QuantizationArgs(
         num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from training.errors import LoraplexError
+from loraplex.training.errors import LoraplexError
 
 
 class LlamaCppMissing(LoraplexError):

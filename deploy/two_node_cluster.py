@@ -22,9 +22,9 @@ def main() -> int:
     from ray.cluster_utils import Cluster
     from ray.serve.config import HTTPOptions, gRPCOptions
 
-    from serving.app import build_app
-    from serving.grpc_servicer import SERVICER_FUNCTION
-    from training.demo import ensure_demo_adapters
+    from loraplex.serving.app import build_app
+    from loraplex.serving.grpc_servicer import SERVICER_FUNCTION
+    from loraplex.training.demo import ensure_demo_adapters
 
     ensure_demo_adapters()
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"loraplex_slot": 1}})

@@ -3,34 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
-from training.errors import LoraplexError
+from loraplex.training.errors import LoraplexError
 
 
 def cmd_base(args: argparse.Namespace) -> int:
-    from training.base import ensure_base
+    from loraplex.training.base import ensure_base
 
     print(ensure_base(rebuild=args.rebuild))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from training.run import main as train_main
+    from loraplex.training.run import main as train_main
 
     return train_main(args.rest)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from loraplex.dataclass_cli import parse_dataclass_args
-    from serving.launch import ServeOptions, serve_forever
+    from loraplex.serving.launch import ServeOptions, serve_forever
 
     options = parse_dataclass_args(ServeOptions, args.rest, "loraplex serve", "serve the base + adapters")
-    return serve_forever(options)
+    demo = options.base_model is None and options.adapters is None
+    if options.base_model is None:  # the demo wiring lives here, never in the engine
+        from loraplex.training.base import ensure_base
+
+        options = dataclasses.replace(options, base_model=str(ensure_base()))
+    if demo:
+        from loraplex.training.demo import ADAPTERS_DIR, ensure_demo_adapters
+
+        ensure_demo_adapters()  # committed in the repo; trained on first use otherwise
+        options = dataclasses.replace(options, adapters=str(ADAPTERS_DIR))
+    return serve_forever(options, demo=demo)
 
 
 def cmd_keys_add(args: argparse.Namespace) -> int:
-    from serving.auth import add_key
+    from loraplex.serving.auth import add_key
 
     key = add_key(args.file, args.name, args.adapters, admin=args.admin, max_concurrent=args.max_concurrent,
                   max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens)

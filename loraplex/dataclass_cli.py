@@ -8,7 +8,7 @@ import types
 import typing
 from pathlib import Path
 
-from training.errors import ConfigError
+from loraplex.training.errors import ConfigError
 
 
 def _scalar_type(annotation) -> type:

@@ -6,17 +6,17 @@ import time
 
 
 def run_demo(retrain: bool = False, examples: int = 3) -> int:
-    from serving.engine.engine import Engine, EngineConfig
-    from serving.engine.sampling import SamplingParams
-    from training.base import ensure_base
-    from training.data import load_jsonl
-    from training.demo import ADAPTERS_DIR, ensure_demo_adapters, tenant_data
-    from training.evaluate import is_exact_match
+    from loraplex.serving.engine import EngineConfig, create_engine
+    from loraplex.serving.engine.sampling import SamplingParams
+    from loraplex.training.base import ensure_base
+    from loraplex.training.data import load_jsonl
+    from loraplex.training.demo import ADAPTERS_DIR, ensure_demo_adapters, tenant_data
+    from loraplex.training.evaluate import is_exact_match
 
     started = time.time()
     base_dir = ensure_base()
     tenants = list(ensure_demo_adapters(retrain=retrain))
-    engine = Engine(EngineConfig(base_model=str(base_dir), adapters=str(ADAPTERS_DIR), max_batch=32, max_queue=4096))
+    engine = create_engine(EngineConfig(base_model=str(base_dir), adapters=str(ADAPTERS_DIR), max_batch=32, max_queue=4096))
     print(f"engine ready in {time.time() - started:.1f}s: {base_dir.name} in NF4, adapters from {ADAPTERS_DIR}\n")
     greedy = SamplingParams(max_tokens=8, temperature=0)
     try:

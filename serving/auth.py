@@ -32,8 +32,8 @@ from pathlib import Path
 
 import yaml
 
-from serving.errors import PermissionDenied, TenantLimitExceeded, Unauthenticated
-from training.errors import LoraplexError
+from loraplex.serving.errors import PermissionDenied, TenantLimitExceeded, Unauthenticated
+from loraplex.training.errors import LoraplexError
 
 logger = logging.getLogger("loraplex.auth")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from training.errors import InvalidAdapterId, LoraplexError
+from loraplex.training.errors import InvalidAdapterId, LoraplexError
 
 
 class InvalidRequest(LoraplexError):
@@ -72,3 +72,14 @@ def classify(exc: BaseException) -> tuple[str, int, str]:
         if kind in ERROR_TABLE:
             return ERROR_TABLE[kind]
     return ("INTERNAL", 500, "server_error")
+
+
+def replica_cause(exc: BaseException) -> BaseException:
+    """The original error behind Ray's RayTaskError wrapper; a dead replica becomes UNAVAILABLE."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    cause = getattr(exc, "cause", None) or exc
+    if isinstance(cause, (RayActorError, ActorUnavailableError)):
+        return ReplicaUnavailable(f"the replica serving this request went away ({type(cause).__name__}); "
+                                  "retry: Ray Serve routes it to a live replica")
+    return cause

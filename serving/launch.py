@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import dataclass, field, fields
 
-from serving.engine.engine import EngineConfig
+from loraplex.serving.engine.api import EngineConfig
 
 APP_NAME = "loraplex"
 
@@ -38,32 +38,28 @@ AUTH_ARGS = ("api_keys", "allow_unauthenticated", "tenant_max_concurrent", "tena
 
 
 def engine_args(options: ServeOptions) -> dict:
-    """The app builder's args: EngineConfig fields (adapters defaulting to the demo store)."""
-    args = {f.name: getattr(options, f.name) for f in fields(EngineConfig)}
-    if args["adapters"] is None:
-        from training.demo import ADAPTERS_DIR, ensure_demo_adapters
-
-        ensure_demo_adapters()  # trained on first use; committed in the repo
-        args["adapters"] = str(ADAPTERS_DIR)
-    return args
+    """The app builder's args: the EngineConfig fields."""
+    return {f.name: getattr(options, f.name) for f in fields(EngineConfig)}
 
 
-def start(options: ServeOptions) -> None:
-    """Start Ray (if needed), Serve and the app; returns once the app is running."""
+def start(options: ServeOptions, demo: bool = False) -> None:
+    """Start Ray (if needed), Serve and the app; returns once the app is running.
+
+    demo: the CLI filled in the embedded base and the demo store, the one case served without keys
+    by default."""
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
 
-    from serving.app import build_app
-    from serving.grpc_servicer import SERVICER_FUNCTION
+    from loraplex.serving.app import build_app
+    from loraplex.serving.grpc_servicer import SERVICER_FUNCTION
 
     if options.engine == "vllm":  # say so before starting Ray, not from inside a failing replica
-        from serving.engine.vllm_engine import INSTALL_HINT, VLLMUnavailable, vllm_unavailable_reason
+        from loraplex.serving.engine.vllm_args import INSTALL_HINT, VLLMUnavailable, vllm_unavailable_reason
 
         reason = vllm_unavailable_reason(options.quantization)
         if reason:
             raise VLLMUnavailable(f"{INSTALL_HINT}: {reason}")
-    demo = options.adapters is None  # the demo store: the one case served without keys by default
     args = engine_args(options)
     auth = {name: getattr(options, name) for name in AUTH_ARGS}
     auth["allow_unauthenticated"] = options.allow_unauthenticated or demo
@@ -88,17 +84,27 @@ def stop() -> None:
 
 
 def auth_summary(options: ServeOptions) -> str:
-    from serving.auth import AUTH_OFF_WARNING, keys_configured
+    from loraplex.serving.auth import AUTH_OFF_WARNING, keys_configured
 
     if keys_configured(options.api_keys):
         return "  auth  API keys required (authorization: Bearer <key>)"
     return "  auth  " + "!" * 20 + "\n  " + AUTH_OFF_WARNING + "\n  " + "!" * 20
 
 
-def serve_forever(options: ServeOptions) -> int:
+def engine_summary(options: ServeOptions) -> str:
+    """Which engine serves, and in what precision (vLLM's CPU build serves an nf4 request in bf16)."""
+    if options.engine == "vllm":
+        from loraplex.serving.engine.vllm_args import engine_summary as vllm_summary
+
+        return f"  engine {vllm_summary(options.quantization)}"
+    return f"  engine torch, base in {options.quantization}"
+
+
+def serve_forever(options: ServeOptions, demo: bool = False) -> int:
     started = time.time()
-    start(options)
-    print(f"loraplex serving {options.base_model or 'the embedded base'} in {time.time() - started:.1f}s\n"
+    start(options, demo)
+    print(f"loraplex serving {options.base_model} in {time.time() - started:.1f}s\n"
+          f"{engine_summary(options)}\n"
           f"{auth_summary(options)}\n"
           f"  HTTP  http://{options.host}:{options.http_port}/v1  (OpenAI-compatible; model = adapter ID)\n"
           f"  gRPC  {options.host}:{options.grpc_port}  loraplex.v1.LoraplexService (metadata multiplexed_model_id)\n"

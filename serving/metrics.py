@@ -114,7 +114,7 @@ class ServingMetrics:
 
     def request_finished(self, adapter_id: str, reason: str, error, prompt_tokens: int,
                          completion_tokens: int, latency: float, ttft: float | None) -> None:
-        from serving.errors import classify
+        from loraplex.serving.errors import classify
 
         adapter = adapter_id or "base"
         code = "OK" if error is None and reason != "cancelled" else ("CANCELLED" if error is None else classify(error)[0])
@@ -127,7 +127,7 @@ class ServingMetrics:
 
     def request_refused(self, adapter_id: str, error: BaseException) -> None:
         """A request turned away before it reached the engine (bad params, auth, full queue)."""
-        from serving.errors import classify
+        from loraplex.serving.errors import classify
 
         self._backend.record("loraplex_requests_total", 1, {"adapter": adapter_id or "base", "code": classify(error)[0]})
 

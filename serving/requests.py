@@ -12,7 +12,7 @@ from typing import Any, NotRequired, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.errors import InvalidRequest
+from loraplex.serving.errors import InvalidRequest
 
 BASE_MODEL_ID = "base"  # the OpenAI `model` value (besides "") that means: no adapter
 _REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")

@@ -17,14 +17,14 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A randomly initialised base with the embedded tokenizer and dimensions (no pretraining)."""
-    from training.base import build_base
+    from loraplex.training.base import build_base
 
     return build_base(tmp_path_factory.mktemp("tiny_base"), steps=0, seed=3)
 
 
 @pytest.fixture(scope="session")
 def embedded_base() -> Path:
-    from training.base import ensure_base
+    from loraplex.training.base import ensure_base
 
     return ensure_base()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from training.adapter_id import MAX_ID_LENGTH
+from loraplex.training.adapter_id import MAX_ID_LENGTH
 
 # text that tends to break parsers: separators, traversal, control and bidi characters, surrogates
 hostile_text = st.one_of(

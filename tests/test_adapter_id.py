@@ -1,7 +1,7 @@
 import pytest
 
-from training.adapter_id import internal_name, validate_adapter_id
-from training.errors import InvalidAdapterId
+from loraplex.training.adapter_id import internal_name, validate_adapter_id
+from loraplex.training.errors import InvalidAdapterId
 
 
 @pytest.mark.parametrize("good", ["acme", "acme-fiscal", "Tenant_7.v2", "double", "0abc"])

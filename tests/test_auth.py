@@ -7,10 +7,10 @@ import stat
 
 import pytest
 
-from serving.auth import (
+from loraplex.serving.auth import (
     KeyFileError, KeysRequired, KeyTable, TenantLimits, add_key, auth_from_args, authorize, hash_key, require_admin,
 )
-from serving.errors import PermissionDenied, TenantLimitExceeded, Unauthenticated
+from loraplex.serving.errors import PermissionDenied, TenantLimitExceeded, Unauthenticated
 from tests.conftest import run_cli
 
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from training.demo import demo_adapter_dir, demo_tenants
+from loraplex.training.demo import demo_adapter_dir, demo_tenants
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray", reason="Ray Serve is part of the dev setup (make test)")
@@ -35,7 +35,7 @@ def test_bounded_load_scales_one_to_two_and_back(embedded_base, tmp_path):
     from ray import serve
     from ray.serve.config import HTTPOptions
 
-    from serving.app import build_app
+    from loraplex.serving.app import build_app
     from tests.conftest import free_port
 
     if ray.is_initialized():

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from tests.conftest import REPO, run_cli
-from training.demo import demo_tenants
+from loraplex.training.demo import demo_tenants
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is part of the dev setup (make test)")

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from convert.gguf_export import write_gguf
-from convert.gguf_lora import write_gguf_lora
-from convert.merge import merge_adapter
-from training.data import encode_prompt, load_jsonl
-from training.demo import tenant_data
-from training.random_adapter import make_random_adapter
+from loraplex.convert.gguf_export import write_gguf
+from loraplex.convert.gguf_lora import write_gguf_lora
+from loraplex.convert.merge import merge_adapter
+from loraplex.training.data import encode_prompt, load_jsonl
+from loraplex.training.demo import tenant_data
+from loraplex.training.random_adapter import make_random_adapter
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is part of the dev setup (make test)")
-from convert import llamacpp_check  # noqa: E402
+from loraplex.convert import llamacpp_check  # noqa: E402
 
 QUIET = dict(progress=lambda _: None)
 EVAL_ROWS = load_jsonl(tenant_data("acme-fiscal")[1])[:20]
@@ -148,7 +148,7 @@ def test_other_llama_family_configs_export_faithfully(embedded_base, tmp_path, f
 def test_unsupported_architecture_is_a_clear_error(tmp_path):
     import json
 
-    from convert.gguf_export import UnsupportedModel
+    from loraplex.convert.gguf_export import UnsupportedModel
 
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(UnsupportedModel, match="GPT2LMHeadModel"):

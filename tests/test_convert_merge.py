@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from convert.merge import check_adapter_matches_base, merge_adapter
+from loraplex.convert.merge import check_adapter_matches_base, merge_adapter
 from tests.conftest import run_cli
-from training.errors import BaseMismatch, DataError
-from training.random_adapter import make_random_adapter
+from loraplex.training.errors import BaseMismatch, DataError
+from loraplex.training.random_adapter import make_random_adapter
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ import time
 import pytest
 import torch
 
-from training.data import load_jsonl
-from training.demo import demo_adapter_dir, demo_tenants, tenant_data
-from training.evaluate import exact_match
+from loraplex.training.data import load_jsonl
+from loraplex.training.demo import demo_adapter_dir, demo_tenants, tenant_data
+from loraplex.training.evaluate import exact_match
 
 pytestmark = pytest.mark.slow
 
@@ -30,14 +30,14 @@ def tokenizer(embedded_base):
 
 @pytest.fixture(scope="module")
 def nf4_base(embedded_base):
-    from training.quant import load_nf4_base
+    from loraplex.training.quant import load_nf4_base
 
     return load_nf4_base(embedded_base)
 
 
 @pytest.fixture(scope="module")
 def bf16_base(embedded_base):
-    from training.quant import load_dense_base
+    from loraplex.training.quant import load_dense_base
 
     return load_dense_base(embedded_base, torch.bfloat16)
 

@@ -8,7 +8,7 @@ import re
 import pytest
 import yaml
 
-from serving.metrics import DEFINITIONS
+from loraplex.serving.metrics import DEFINITIONS
 from tests.conftest import REPO
 
 DEPLOY = REPO / "deploy"
@@ -18,10 +18,10 @@ pytest.importorskip("ray", reason="Ray Serve is part of the dev setup (make test
 def app_args_are_accepted(app: dict, tmp_path) -> None:
     """The app builder itself validates its args (unknown keys raise); build without starting Ray.
     A key file path is swapped for a real key file made by `loraplex keys add`."""
-    from serving.app import build_app
-    from serving.auth import add_key
+    from loraplex.serving.app import build_app
+    from loraplex.serving.auth import add_key
 
-    assert app["import_path"] == "serving.app:build_app"
+    assert app["import_path"] == "loraplex.serving.app:build_app"
     args = dict(app.get("args") or {})
     if "api_keys" in args:
         add_key(tmp_path / "keys.yaml", "acme", ["acme-*"])
@@ -32,8 +32,8 @@ def app_args_are_accepted(app: dict, tmp_path) -> None:
 @pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config_vllm.yaml"])
 def test_serve_configs_name_real_servicers_and_valid_app_args(name, tmp_path):
     config = yaml.safe_load((DEPLOY / name).read_text())
-    assert config["grpc_options"]["grpc_servicer_functions"] == ["serving.grpc_servicer.add_servicer_to_server"]
-    from serving.grpc_servicer import add_servicer_to_server  # noqa: F401  the proxy imports it by name
+    assert config["grpc_options"]["grpc_servicer_functions"] == ["loraplex.serving.grpc_servicer.add_servicer_to_server"]
+    from loraplex.serving.grpc_servicer import add_servicer_to_server  # noqa: F401  the proxy imports it by name
 
     for app in config["applications"]:
         app_args_are_accepted(app, tmp_path)
@@ -46,7 +46,7 @@ def test_rayservice_carries_what_kuberay_requires(tmp_path):
     (app,) = serve["applications"]
     app_args_are_accepted(app, tmp_path)
     (deployment,) = app["deployments"]
-    from serving.app import ModelServer
+    from loraplex.serving.app import ModelServer
 
     assert deployment["name"] == ModelServer.name  # overrides must name a real deployment
     scaling = deployment["autoscaling_config"]

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from tests.conftest import REPO, run_cli
-from training.demo import demo_adapter_dir, tenant_data
-from training.manifest import MANIFEST_NAME
+from loraplex.training.demo import demo_adapter_dir, tenant_data
+from loraplex.training.manifest import MANIFEST_NAME
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("ray.train", reason="Ray Train is part of the dev setup (make test)")
@@ -31,6 +31,6 @@ def test_two_workers_match_single_worker_exact_match(tmp_path):
 
     from peft import PeftModel
 
-    from training.quant import load_dense_base
+    from loraplex.training.quant import load_dense_base
 
     PeftModel.from_pretrained(load_dense_base(REPO / "training" / "base_model", device="cpu"), str(out))

@@ -12,12 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from serving.engine.sampling import SamplingParams, sample_next
-from serving.errors import InvalidRequest
-from serving.requests import ChatCompletionBody, CompletionBody, call_from_proto
-from training.adapter_id import MAX_ID_LENGTH, internal_name, validate_adapter_id
+from loraplex.serving.engine.sampling import SamplingParams, sample_next
+from loraplex.serving.errors import InvalidRequest
+from loraplex.serving.requests import ChatCompletionBody, CompletionBody, call_from_proto
+from loraplex.training.adapter_id import MAX_ID_LENGTH, internal_name, validate_adapter_id
 from tests.strategies import finite_or_not, hostile_text, json_values, mutated_bodies, proto_requests
-from training.errors import InvalidAdapterId, LoraplexError
+from loraplex.training.errors import InvalidAdapterId, LoraplexError
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -101,9 +101,10 @@ def test_sampling_never_fails_on_validated_params(logits, temperature, top_p, to
 
 @pytest.fixture(scope="module")
 def engine(embedded_base, tmp_path_factory):
-    from serving.engine.engine import Engine, EngineConfig
+    from loraplex.serving.engine import EngineConfig
+    from loraplex.serving.engine.engine import TorchEngine
 
-    eng = Engine(EngineConfig(base_model=str(embedded_base), adapters=str(tmp_path_factory.mktemp("empty")),
+    eng = TorchEngine(EngineConfig(base_model=str(embedded_base), adapters=str(tmp_path_factory.mktemp("empty")),
                               max_batch=4, max_new_tokens=8))
     yield eng
     eng.shutdown(drain=False)

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import free_port
-from training.data import load_jsonl
-from training.demo import demo_adapter_dir, tenant_data
-from training.evaluate import is_exact_match
+from loraplex.training.data import load_jsonl
+from loraplex.training.demo import demo_adapter_dir, tenant_data
+from loraplex.training.evaluate import is_exact_match
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +28,8 @@ LONG = 200  # max_tokens of a request that is still running when the test acts o
 
 @pytest.fixture(scope="module")
 def server(embedded_base, tmp_path_factory):
-    from serving.auth import add_key
-    from serving.launch import ServeOptions, start, stop
+    from loraplex.serving.auth import add_key
+    from loraplex.serving.launch import ServeOptions, start, stop
 
     store, outside = tmp_path_factory.mktemp("store"), tmp_path_factory.mktemp("outside")
     for tenant in (ACME, GLOBEX, INITECH):

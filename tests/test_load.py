@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 def test_2000_requests_over_8_adapters_with_a_replica_killed_midway(embedded_base, tmp_path):
     from load_test import PROMPTS, prepare_store, run_load
 
-    from serving.launch import ServeOptions, start, stop
+    from loraplex.serving.launch import ServeOptions, start, stop
 
     adapters, keys, key_file = prepare_store(tmp_path, embedded_base)
     options = ServeOptions(base_model=str(embedded_base), adapters=str(tmp_path / "store"), api_keys=str(key_file),

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.conftest import free_port
-from training.demo import demo_adapter_dir, demo_tenants
+from loraplex.training.demo import demo_adapter_dir, demo_tenants
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray", reason="Ray Serve is part of the dev setup (make test)")
@@ -27,7 +27,7 @@ def cluster(embedded_base, tmp_path_factory):
     from ray.cluster_utils import Cluster
     from ray.serve.config import HTTPOptions
 
-    from serving.app import build_app
+    from loraplex.serving.app import build_app
 
     if ray.is_initialized():
         serve.shutdown()

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.conftest import run_cli
-from training.demo import tenant_data
+from loraplex.training.demo import tenant_data
 
 TRAIN, EVAL = (str(p) for p in tenant_data("acme-fiscal"))
 
@@ -66,8 +66,8 @@ def test_missing_required_flag():
 
 
 def test_resume_against_another_base_is_refused(tmp_path, tiny_base, embedded_base):
-    from training.manifest import base_fingerprint
-    from training.run import RUN_STATE
+    from loraplex.training.manifest import base_fingerprint
+    from loraplex.training.run import RUN_STATE
 
     out = tmp_path / "run"
     out.mkdir()

@@ -8,17 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.config import TrainConfig
-from training.data import load_jsonl
-from training.demo import tenant_data
-from training.manifest import MANIFEST_NAME, base_fingerprint
+from loraplex.training.config import TrainConfig
+from loraplex.training.data import load_jsonl
+from loraplex.training.demo import tenant_data
+from loraplex.training.manifest import MANIFEST_NAME, base_fingerprint
 
 TRAIN, EVAL = (str(p) for p in tenant_data("acme-fiscal"))
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_base, tmp_path_factory) -> Path:
-    from training.run import train
+    from loraplex.training.run import train
 
     out = tmp_path_factory.mktemp("adapters") / "acme"
     train(TrainConfig(
@@ -73,7 +73,7 @@ def test_output_loads_in_plain_peft_without_project_code(trained, tiny_base):
 def test_adapter_forward_and_backward_on_nf4(tiny_base):
     import bitsandbytes as bnb
 
-    from training.run import build_qlora_model
+    from loraplex.training.run import build_qlora_model
 
     model = build_qlora_model(tiny_base, TrainConfig(data=TRAIN, output="unused"))
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
@@ -92,7 +92,7 @@ def test_adapter_forward_and_backward_on_nf4(tiny_base):
 def test_resume_continues_from_the_latest_checkpoint(trained, tiny_base, tmp_path):
     import shutil
 
-    from training.run import train
+    from loraplex.training.run import train
 
     out = tmp_path / "acme"
     shutil.copytree(trained, out)
@@ -110,7 +110,7 @@ def test_cuda_training_pages_optimizer_state(tiny_base, tmp_path):
     """On a GPU the recipe's paged_adamw_32bit is bitsandbytes' paged optimizer with CUDA state.
 
     (bitsandbytes pages a state tensor only from 1e5 elements.)"""
-    from training.run import train
+    from loraplex.training.run import train
 
     # rank 512: each LoRA A is 512x256 = 131k elements, large enough for bitsandbytes to page
     manifest = train(TrainConfig(data=TRAIN, output=str(tmp_path / "gpu"), base_model=str(tiny_base),

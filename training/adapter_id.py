@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from training.errors import InvalidAdapterId
+from loraplex.training.errors import InvalidAdapterId
 
 MAX_ID_LENGTH = 128
 _ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -1,7 +1,7 @@
 """The embedded base: a small Llama built and pretrained from a seed, saved in plain HF format.
 
-`python -m training.base` prints the base's path, building it first if it is missing.
-`python -m training.base --rebuild` makes it again from scratch (about 10 minutes on 2 cores).
+`python -m loraplex.training.base` prints the base's path, building it first if it is missing.
+`python -m loraplex.training.base --rebuild` makes it again from scratch (about 10 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from training import synthetic
+from loraplex.training import synthetic
 
 EMBEDDED_BASE_DIR = Path(__file__).resolve().parent / "base_model"
 SEED = 1234
@@ -93,7 +93,7 @@ def build_model(tokenizer, seed: int):
 def _batches(tokenizer, rows: list[tuple[str, str]], batch_size: int, rng: random.Random):
     """Endless shuffled batches; loss on completions only, so capacity goes to the skills and
     not to predicting the random words inside prompts."""
-    from training.data import CompletionCollator, encode_example
+    from loraplex.training.data import CompletionCollator, encode_example
 
     collate = CompletionCollator(tokenizer.pad_token_id)
     order = list(range(len(rows)))
@@ -152,7 +152,7 @@ def build_base(out_dir: Path, steps: int = 2000, seed: int = SEED) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.base", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m loraplex.training.base", description=__doc__)
     parser.add_argument("--rebuild", action="store_true", help="make the base again from its seed")
     parser.add_argument("--out", type=Path, default=None, help="build into this folder instead")
     parser.add_argument("--steps", type=int, default=2000)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from training.errors import DataError
+from loraplex.training.errors import DataError
 
 
 def load_jsonl(path: str | Path) -> list[dict]:

@@ -1,7 +1,7 @@
 """The demo tenants: their datasets (training/data/<tenant>/) and adapters (training/adapters/<tenant>/).
 
-    python -m training.demo            # rewrite the datasets (deterministic)
-    python -m training.demo --train    # retrain every demo adapter (about 3 minutes each on 2 cores)
+    python -m loraplex.training.demo            # rewrite the datasets (deterministic)
+    python -m loraplex.training.demo --train    # retrain every demo adapter (about 3 minutes each on 2 cores)
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from training.synthetic import TENANT_TASKS, tenant_splits
+from loraplex.training.synthetic import TENANT_TASKS, tenant_splits
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 ADAPTERS_DIR = Path(__file__).resolve().parent / "adapters"
@@ -30,8 +30,8 @@ def demo_adapter_dir(tenant: str) -> Path:
 
 def ensure_demo_adapters(retrain: bool = False) -> dict[str, Path]:
     """Every demo tenant's adapter folder, training the missing ones with the default recipe."""
-    from training.config import TrainConfig
-    from training.run import train
+    from loraplex.training.config import TrainConfig
+    from loraplex.training.run import train
 
     folders = {}
     for tenant in demo_tenants():
@@ -60,7 +60,7 @@ def write_datasets() -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m loraplex.training.demo", description=__doc__)
     parser.add_argument("--train", action="store_true", help="retrain every demo adapter")
     args = parser.parse_args(argv)
     if args.train:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from training.config import TrainConfig
-from training.manifest import read_manifest
+from loraplex.training.config import TrainConfig
+from loraplex.training.manifest import read_manifest
 
 
 def train_data_parallel(cfg: TrainConfig) -> dict:
@@ -28,7 +28,7 @@ def train_data_parallel(cfg: TrainConfig) -> dict:
         if (value := getattr(cfg, key))})
 
     def worker_loop(_: dict) -> None:
-        from training.run import train
+        from loraplex.training.run import train
 
         train(cfg, in_worker=True)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from training.data import encode_prompt, prompt_and_completion
+from loraplex.training.data import encode_prompt, prompt_and_completion
 
 
 def is_exact_match(prediction: str, target: str) -> bool:

@@ -10,7 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from training.errors import BaseMismatch, DataError
+from loraplex.training.errors import BaseMismatch, DataError
 
 MANIFEST_NAME = "loraplex.json"
 MANIFEST_VERSION = 1

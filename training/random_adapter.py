@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from training.manifest import base_fingerprint, write_manifest
-from training.quant import NF4_SETTINGS
+from loraplex.training.manifest import base_fingerprint, write_manifest
+from loraplex.training.quant import NF4_SETTINGS
 
 
 def make_random_adapter(base_dir: str | Path, out_dir: str | Path, seed: int, rank: int = 8,

@@ -19,17 +19,17 @@ if __package__ in (None, ""):  # `python training/run.py` from a checkout: make 
 
 import torch
 
-from training.adapter_id import validate_adapter_id
-from training.config import TrainConfig
-from training.errors import ConfigError, LoraplexError
-from training.manifest import base_fingerprint, check_same_base, file_sha256, write_manifest
-from training.quant import NF4_SETTINGS
+from loraplex.training.adapter_id import validate_adapter_id
+from loraplex.training.config import TrainConfig
+from loraplex.training.errors import ConfigError, LoraplexError
+from loraplex.training.manifest import base_fingerprint, check_same_base, file_sha256, write_manifest
+from loraplex.training.quant import NF4_SETTINGS
 
 RUN_STATE = "loraplex_run.json"  # written at start, read by --resume to refuse another base
 
 
 def resolve_base(base_model: str | None) -> Path:
-    from training.base import ensure_base
+    from loraplex.training.base import ensure_base
 
     if base_model is None:
         return ensure_base()
@@ -94,7 +94,7 @@ def build_qlora_model(base_dir: Path, cfg: TrainConfig):
     """NF4 base (double quant, bf16 compute), prepared for k-bit training, with LoRA attached."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from training.quant import load_nf4_base
+    from loraplex.training.quant import load_nf4_base
 
     model = load_nf4_base(base_dir)
     model = prepare_model_for_kbit_training(
@@ -115,13 +115,13 @@ def build_qlora_model(base_dir: Path, cfg: TrainConfig):
 def train(cfg: TrainConfig, in_worker: bool = False) -> dict:
     """The whole recipe. With workers > 1 it runs in each Ray Train worker; rank 0 writes."""
     if cfg.workers > 1 and not in_worker:
-        from training.distributed import train_data_parallel
+        from loraplex.training.distributed import train_data_parallel
 
         return train_data_parallel(cfg)
     from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
 
-    from training.data import CompletionCollator, encode_example, load_jsonl
-    from training.evaluate import exact_match
+    from loraplex.training.data import CompletionCollator, encode_example, load_jsonl
+    from loraplex.training.evaluate import exact_match
 
     started = time.time()
     output = Path(cfg.output)

@@ -7,172 +7,50 @@ whatever their adapters. Finished and cancelled requests leave at once. Usable w
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import logging
-import queue
 import threading
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from serving.engine.lora_batch import LoraSlots
-from serving.engine.runner import KVCacheRunner
-from serving.engine.sampling import SamplingParams, sample_next
-from serving.engine.store import AdapterStore, SlotLease
-from serving.errors import DeadlineExceeded, EngineStopped, InvalidRequest, NoFreeSlot, QueueFull
-from training.adapter_id import validate_adapter_id
-from training.errors import LoraplexError
+from loraplex.serving.engine.api import (
+    EngineConfig, RequestBook, RequestStream, StreamEvent, TrackedRequest, encode_prompt_text, require_base_dir,
+)
+from loraplex.serving.engine.lora_batch import LoraSlots
+from loraplex.serving.engine.runner import KVCacheRunner
+from loraplex.serving.engine.sampling import SamplingParams, sample_next
+from loraplex.serving.engine.store import AdapterStore
+from loraplex.serving.errors import DeadlineExceeded, InvalidRequest, NoFreeSlot
+from loraplex.training.errors import LoraplexError
 
 logger = logging.getLogger("loraplex.engine")
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    base_model: str | None = field(default=None, metadata={"help": "HF checkpoint; default: the embedded base"})
-    adapters: str | None = field(default=None, metadata={"help": "adapter store root: <dir>/<adapter_id>/"})
-    quantization: str = field(default="nf4", metadata={
-        "help": "nf4 (bitsandbytes, as in training), bf16, or awq (vllm engine: a convert AWQ export)"})
-    max_batch: int = field(default=16, metadata={"help": "requests decoded together (KV-cache rows)"})
-    max_loras: int = field(default=8, metadata={"help": "adapters resident at once (LRU beyond that)"})
-    max_lora_rank: int = field(default=64, metadata={"help": "largest adapter rank accepted"})
-    max_seq: int = field(default=256, metadata={"help": "context length: prompt + new tokens"})
-    max_queue: int = field(default=256, metadata={"help": "waiting requests before RESOURCE_EXHAUSTED"})
-    max_new_tokens: int = field(default=256, metadata={"help": "cap on max_tokens per request"})
-    device: str | None = field(default=None, metadata={"help": "cpu or cuda; default: cuda when present"})
-    engine: str = field(default="torch", metadata={"help": "torch (this engine, CPU or GPU) or vllm (CUDA)",
-                                                   "choices": ["torch", "vllm"]})
-    # vLLM engine only (see serving/engine/vllm_engine.py)
-    max_cpu_loras: int | None = field(default=None, metadata={"help": "vllm: adapters kept in CPU memory"})
-    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vllm: share of GPU memory"})
-    enforce_eager: bool = field(default=False, metadata={"help": "vllm: skip CUDA graphs"})
-    seed: int = field(default=0, metadata={"help": "vllm: engine seed"})
-    adapter_base: str | None = field(default=None, metadata={
-        "help": "checkpoint the adapters were trained on, when the served base differs (an AWQ export)"})
-
-
-@dataclass
-class StreamEvent:
-    """One chunk of output; the last event of a request has final=True."""
-
-    text: str = ""
-    final: bool = False
-    finish_reason: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: BaseException | None = None
-    adapter_version: str = ""  # which on-disk version of the adapter answered
-
-
-class RequestStream:
-    """The caller's side of a request: iterate (sync or async) over StreamEvents, or cancel."""
-
-    def __init__(self, engine: "Engine", request_id: str, adapter_id: str) -> None:
-        self.engine, self.request_id, self.adapter_id = engine, request_id, adapter_id
-        try:
-            self._loop = asyncio.get_running_loop()
-            self._events: asyncio.Queue | queue.Queue = asyncio.Queue()
-        except RuntimeError:
-            self._loop, self._events = None, queue.Queue()
-
-    def push(self, event: StreamEvent) -> None:  # called from the engine thread
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
-        else:
-            self._events.put(event)
-
-    def cancel(self) -> None:
-        self.engine.cancel(self.request_id)
-
-    def __iter__(self):
-        while True:
-            event = self._events.get()
-            yield event
-            if event.final:
-                return
-
-    async def __aiter__(self):
-        while True:
-            event = await self._events.get()
-            yield event
-            if event.final:
-                return
-
-    def result(self, timeout: float | None = None) -> tuple[str, StreamEvent]:
-        """Block for the whole text; raises the request's error, if any."""
-        text, deadline = [], None if timeout is None else time.monotonic() + timeout
-        while True:
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            event = self._events.get(timeout=wait)
-            text.append(event.text)
-            if event.final:
-                if event.error is not None:
-                    raise event.error
-                return "".join(text), event
-
-
-@dataclass
-class _Request:
-    request_id: str
-    adapter_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    stream: RequestStream
-    deadline: float | None
-    submitted: float = field(default_factory=time.monotonic)
+@dataclass(eq=False)
+class _Request(TrackedRequest):
     generator: torch.Generator | None = None
-    lease: SlotLease | None = None
     row: int = -1
     length: int = 0  # tokens in this request's cache row
     generated: list[int] = field(default_factory=list)
     sent: str = ""
-    first_token_at: float | None = None
-    cancelled: bool = False
     cancel_step: int = 0  # the engine's decode step when cancel() arrived
 
 
-def checked_request(engine, prompt: str | list[int], adapter_id: str,
-                    params: SamplingParams | None) -> tuple[list[int], SamplingParams]:
-    """The checks every engine runs before queueing: adapter ID, prompt, sampling, context."""
-    params = params or SamplingParams()
-    if adapter_id:
-        validate_adapter_id(adapter_id)
-    prompt_ids = prompt if isinstance(prompt, list) else engine.encode(prompt)
-    if params.max_tokens is None:
-        room = min(engine.config.max_new_tokens, engine.max_seq - len(prompt_ids))
-        params = dataclasses.replace(params, max_tokens=max(room, 1))
-    params.validate(engine.config.max_new_tokens)
-    engine.check_fits(len(prompt_ids), params.max_tokens)
-    return prompt_ids, params
+class TorchEngine:
+    """The in-process engine (module docstring); satisfies api.Engine."""
 
-
-def create_engine(config: EngineConfig, metrics=None):
-    """The engine the config names; both have the same surface (submit, store, stats, shutdown)."""
-    if config.engine == "vllm":
-        from serving.engine.vllm_engine import VLLMEngine
-
-        return VLLMEngine(config, metrics=metrics)
-    if config.engine != "torch":
-        raise InvalidRequest(f"unknown engine {config.engine!r}: use torch or vllm")
-    return Engine(config, metrics=metrics)
-
-
-class Engine:
     def __init__(self, config: EngineConfig, metrics=None) -> None:
         from transformers import AutoTokenizer
 
-        from training.base import ensure_base
-        from training.manifest import base_fingerprint
-        from training.quant import default_device
+        from loraplex.training.manifest import base_fingerprint
+        from loraplex.training.quant import default_device
 
         self.config = config
         self.metrics = metrics
-        base_dir = Path(config.base_model) if config.base_model else ensure_base()
+        base_dir = require_base_dir(config)
         device = config.device or default_device()
         self.base_dir, self.base_fingerprint = base_dir, base_fingerprint(base_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
@@ -186,9 +64,8 @@ class Engine:
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []  # a request's index here is its LoRA batch position
         self._free_rows = list(range(config.max_batch - 1, -1, -1))
-        self._by_id: dict[str, _Request] = {}
-        self._cond = threading.Condition()
-        self._stopping = False
+        self.book = RequestBook(self, metrics)
+        self._cond = self.book.cond  # guards the queue, the batch and the book together
         self.steps = 0  # decode iterations run: tests and metrics read it
         # how fast a cancel frees its batch row, in decode steps (the bar: at most one)
         self.cancelled, self.max_cancel_lag_steps = 0, 0
@@ -203,9 +80,11 @@ class Engine:
             raise self._load_error
 
     def _load(self, device: str) -> None:
-        from training.quant import load_dense_base, load_nf4_base
+        from loraplex.training.architectures import require_torch_engine_architecture
+        from loraplex.training.quant import load_dense_base, load_nf4_base
 
         config, base_dir = self.config, self.base_dir
+        require_torch_engine_architecture(base_dir)  # before loading: others would run, wrongly
         if config.quantization == "nf4":
             model = load_nf4_base(base_dir, device)
         else:
@@ -235,49 +114,23 @@ class Engine:
     def submit(self, prompt: str | list[int], adapter_id: str = "", params: SamplingParams | None = None,
                request_id: str | None = None, timeout: float | None = None) -> RequestStream:
         """Queue a request; errors in the request itself raise here, before anything runs."""
-        prompt_ids, params = checked_request(self, prompt, adapter_id, params)
-        request_id = request_id or uuid.uuid4().hex
-        stream = RequestStream(self, request_id, adapter_id)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator().manual_seed(params.seed)
-        request = _Request(request_id, adapter_id, prompt_ids, params, stream, deadline, generator=generator)
+        capacity = self.config.max_queue + len(self._running)
+        request = self.book.track(prompt, adapter_id, params, request_id, timeout, capacity, make=_Request)
+        if request.params.seed is not None:
+            request.generator = torch.Generator().manual_seed(request.params.seed)
         with self._cond:
-            if self._stopping:
-                raise EngineStopped("the server is shutting down")
-            if len(self._waiting) >= self.config.max_queue:
-                raise QueueFull(f"request queue is full ({self.config.max_queue} waiting)")
-            if request_id in self._by_id:
-                raise InvalidRequest(f"request ID {request_id!r} is already running")
             self._waiting.append(request)
-            self._by_id[request_id] = request
             self._cond.notify()
         if self.metrics:
             self.metrics.queue_depth(len(self._waiting))
-        return stream
+        return request.stream
 
     def encode(self, prompt: str) -> list[int]:
-        """The prompt contract: prompt text verbatim, the tokenizer's BOS in front."""
-        from training.data import encode_prompt
-
-        if not prompt:
-            raise InvalidRequest("prompt is empty")
-        try:
-            return encode_prompt(self.tokenizer, prompt)
-        except Exception as exc:  # e.g. lone surrogates from JSON "\ud800"
-            raise InvalidRequest(f"prompt cannot be tokenized: {type(exc).__name__}: {exc}"[:300]) from None
-
-    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
-        if prompt_tokens == 0:
-            raise InvalidRequest("prompt is empty")
-        if prompt_tokens + max_tokens > self.max_seq:
-            raise InvalidRequest(f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds "
-                                 f"the context of {self.max_seq} tokens")
+        return encode_prompt_text(self.tokenizer, prompt)
 
     def cancel(self, request_id: str) -> None:
         with self._cond:
-            request = self._by_id.get(request_id)
+            request = self.book.in_flight.get(request_id)
             if request is not None and not request.cancelled:
                 request.cancelled, request.cancel_step = True, self.steps
                 self._cond.notify()
@@ -291,7 +144,7 @@ class Engine:
     def shutdown(self, drain: bool = True, timeout: float = 60.0) -> None:
         """Stop taking requests; with drain, let the ones in flight finish first."""
         with self._cond:
-            self._stopping = True
+            self.book.stopping = True
             if not drain:
                 for request in list(self._waiting) + self._running:
                     request.cancelled = True
@@ -303,9 +156,9 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._waiting or self._running or self._stopping):
+                while not (self._waiting or self._running or self.book.stopping):
                     self._cond.wait()
-                if self._stopping and not (self._waiting or self._running):
+                if self.book.stopping and not (self._waiting or self._running):
                     return
             try:
                 self._drop_cancelled()
@@ -441,7 +294,7 @@ class Engine:
 
     def _finish(self, request: _Request, reason: str, error: BaseException | None = None) -> None:
         with self._cond:
-            if self._by_id.pop(request.request_id, None) is None:
+            if request.request_id not in self.book.in_flight:
                 return  # already finished
             if request in self._running:
                 # the last request takes the free batch position: only one position changes
@@ -457,14 +310,4 @@ class Engine:
                 self.max_cancel_lag_steps = max(self.max_cancel_lag_steps, self.steps - request.cancel_step)
         if request.lease is not None:
             self.store.release(request.lease)
-        request.stream.push(StreamEvent(
-            final=True, finish_reason=reason, prompt_tokens=len(request.prompt_ids),
-            completion_tokens=len(request.generated), error=error,
-            adapter_version=request.lease.version_id if request.lease else "",
-        ))
-        if self.metrics:
-            self.metrics.request_finished(
-                request.adapter_id, reason, error, len(request.prompt_ids), len(request.generated),
-                time.monotonic() - request.submitted,
-                None if request.first_token_at is None else request.first_token_at - request.submitted,
-            )
+        self.book.final(request, reason, error, len(request.generated))

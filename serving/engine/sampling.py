@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from serving.errors import InvalidRequest
+from loraplex.serving.errors import InvalidRequest
 
 GREEDY_BELOW = 1e-5  # temperatures this small are greedy (dividing by them overflows), as in vLLM
 MAX_SEED = 2**63 - 1

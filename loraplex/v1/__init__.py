@@ -1,0 +1,1 @@
+"""Generated gRPC stubs (python -m loraplex.protos); do not edit."""
