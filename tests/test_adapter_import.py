@@ -8,6 +8,7 @@ and leave nothing in the store.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -86,9 +87,10 @@ def test_served_greedy_output_equals_peft_generate_alone_and_mixed(imported, emb
         assert [alone["foreign", p] for p in PROMPTS] == reference
         streams = {(a, p): engine.submit(p, a, greedy) for p in PROMPTS for a in ("plain-r16", "foreign", "")}
         assert {key: s.result(120)[0] for key, s in streams.items()} == alone  # mixed ranks, mixed == solo
-        assert engine.store.provenance("foreign") == "imported"
-        assert engine.store.provenance("plain-r16") == "trained"
         assert engine.store.resident()["foreign"].rank == 8
+        listing = asyncio.run(_list_adapters(engine))  # what /v1/models and ListAdapters are built from
+        assert {a["adapter_id"]: a["provenance"] for a in listing["adapters"]} == {
+            "foreign": "imported", "plain-r16": "trained"}
     finally:
         engine.shutdown()
 
@@ -122,6 +124,15 @@ def test_merge_and_gguf_lora_export_accept_it_and_llama_cpp_reads_it_back(import
         total += len(ids)
     assert agree / total >= 0.97, agree / total
     assert changed > 0
+
+
+async def _list_adapters(engine) -> dict:
+    """ModelServer's listing over a real engine, without starting Ray (its method, unbound)."""
+    from types import SimpleNamespace
+
+    from loraplex.serving.model_server import ModelServer
+
+    return await ModelServer.func_or_class.list_adapters(SimpleNamespace(engine=engine, replica_id="test"))
 
 
 # -- refusals: each names the feature, and nothing reaches the store --------------------------------

@@ -100,8 +100,9 @@ def test_http_streaming_and_chat(openai_client):
 
 
 def test_models_lists_base_and_adapters(openai_client):
-    ids = {m.id for m in openai_client.models.list().data}
-    assert {"base", *demo_tenants()} <= ids
+    models = {m.id: m for m in openai_client.models.list().data}
+    assert {"base", *demo_tenants()} <= set(models)
+    assert {models[t].model_extra["provenance"] for t in demo_tenants()} == {"trained"}  # not "imported"
 
 
 def test_unknown_adapter_is_not_found(stub, openai_client):
@@ -150,6 +151,7 @@ def test_admin_rpcs(stub):
     tenant = demo_tenants()[0]
     listing = stub.ListAdapters(pb.ListAdaptersRequest(), timeout=30)
     assert {a.adapter_id for a in listing.adapters} >= set(demo_tenants())
+    assert {a.provenance for a in listing.adapters if a.adapter_id in demo_tenants()} == {"trained"}
     assert listing.base_fingerprint.startswith("sha256:")
     md = (("multiplexed_model_id", tenant),)
     assert stub.LoadAdapter(pb.LoadAdapterRequest(adapter_id=tenant), metadata=md, timeout=30).adapter.resident
