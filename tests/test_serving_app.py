@@ -1,4 +1,8 @@
-"""A real Ray Serve app on loopback, driven by a real gRPC channel and the `openai` client."""
+"""A real Ray Serve app on loopback, driven by a real gRPC channel and the `openai` client.
+
+Every test runs on the torch engine and, where vllm is installed (`make test-vllm`), once more on
+`--engine vllm` (vLLM's CPU build serves the base in bf16).
+"""
 
 from __future__ import annotations
 
@@ -10,24 +14,38 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from training.data import load_jsonl
+from loraplex.training.data import load_jsonl
 from tests.conftest import free_port
-from training.demo import demo_adapter_dir, demo_tenants, tenant_data
-from training.evaluate import is_exact_match
+from loraplex.training.demo import demo_adapter_dir, demo_tenants, tenant_data
+from loraplex.training.evaluate import is_exact_match
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def server(embedded_base, tmp_path_factory):
-    from serving.launch import ServeOptions, start, stop
+def _vllm_missing() -> str | None:
+    from loraplex.serving.engine.vllm_args import vllm_unavailable_reason
+
+    return vllm_unavailable_reason("nf4")
+
+
+ENGINES = [
+    pytest.param("torch", id="torch"),
+    pytest.param("vllm", id="vllm", marks=[
+        pytest.mark.vllm, pytest.mark.skipif(_vllm_missing() is not None, reason=f"vllm engine: {_vllm_missing()}")]),
+]
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def server(request, embedded_base, tmp_path_factory):
+    from loraplex.serving.launch import ServeOptions, start, stop
 
     store = tmp_path_factory.mktemp("store")
     for tenant in demo_tenants():
         shutil.copytree(demo_adapter_dir(tenant), store / tenant)
     options = ServeOptions(base_model=str(embedded_base), adapters=str(store), http_port=free_port(),
                            grpc_port=free_port(), metrics_port=free_port(), num_cpus=2, max_batch=16,
-                           allow_unauthenticated=True)  # auth has its own tests (test_hardening.py)
+                           allow_unauthenticated=True,  # auth has its own tests (test_hardening.py)
+                           engine=request.param)
     start(options)
     yield options, store
     stop()
@@ -99,9 +117,15 @@ def test_http_streaming_and_chat(openai_client):
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens > 0
 
 
-def test_models_lists_base_and_adapters(openai_client):
+def test_models_lists_base_and_adapters(openai_client, server):
     models = {m.id: m for m in openai_client.models.list().data}
     assert {"base", *demo_tenants()} <= set(models)
+    base = models["base"].model_extra
+    if server[0].engine == "vllm" and base["precision"] != server[0].quantization:
+        # vLLM's CPU build has no NF4: the base is served in bf16, and /v1/models says so
+        assert (server[0].quantization, base["precision"]) == ("nf4", "bf16") and "NF4" in base["precision_note"]
+    else:
+        assert base["precision"] == server[0].quantization and base["precision_note"] == ""
     assert {models[t].model_extra["provenance"] for t in demo_tenants()} == {"trained"}  # not "imported"
 
 

