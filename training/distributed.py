@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,7 +18,8 @@ from loraplex.training.config import TrainConfig
 from loraplex.training.manifest import read_manifest
 
 
-def train_data_parallel(cfg: TrainConfig) -> dict:
+def train_data_parallel(cfg: TrainConfig, run_recipe: Callable[[TrainConfig], dict]) -> dict:
+    """Run `run_recipe` (run.py's train, passed in so this module never imports run.py) in N workers."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -28,9 +30,7 @@ def train_data_parallel(cfg: TrainConfig) -> dict:
         if (value := getattr(cfg, key))})
 
     def worker_loop(_: dict) -> None:
-        from loraplex.training.run import train
-
-        train(cfg, in_worker=True)
+        run_recipe(cfg)
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=True)

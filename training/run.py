@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -117,7 +118,7 @@ def train(cfg: TrainConfig, in_worker: bool = False) -> dict:
     if cfg.workers > 1 and not in_worker:
         from loraplex.training.distributed import train_data_parallel
 
-        return train_data_parallel(cfg)
+        return train_data_parallel(cfg, functools.partial(train, in_worker=True))
     from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
 
     from loraplex.training.data import CompletionCollator, encode_example, load_jsonl
