@@ -31,7 +31,12 @@ class ModelServer:
         # Ray routes by the adapters a replica reports (`serve.multiplexed`); its cap is the
         # engine's own slot count, so routing and the store agree (a class-level decorator would
         # fix the cap when the module is imported, before any config is read).
-        self.get_adapter = serve.multiplexed(max_num_models_per_replica=config.max_loras)(self._hold_adapter)
+        # a plain function: Ray keeps its model cache as an attribute of the decorated callable,
+        # which a bound method refuses ("'method' object has no attribute '__serve_multiplex_wrapper'")
+        async def hold_adapter(adapter_id: str) -> str:
+            return await self._hold_adapter(adapter_id)
+
+        self.get_adapter = serve.multiplexed(max_num_models_per_replica=config.max_loras)(hold_adapter)
 
     async def _hold_adapter(self, adapter_id: str) -> str:
         """Tells Ray this replica holds the adapter (routing affinity); the store keeps the weights."""

@@ -230,6 +230,9 @@ class VLLMEngine:
 
         lora = self.loras.request(flight.lease.slot) if flight.lease else None
         flight.generating = flight.sent = True  # same loop step as the cancel check: a cancel now cancels the task
+        if self.metrics:  # vLLM's scheduler steps are not visible here: the batch a request joins
+            with self._cond:
+                self.metrics.batch_size(min(self.config.max_batch, sum(f.generating for f in self._flights.values())))
         left = None if flight.deadline is None else max(0.0, flight.deadline - time.monotonic())
         reason = "stop"
         try:
