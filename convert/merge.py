@@ -32,8 +32,8 @@ def check_adapter_matches_base(base_dir: Path, adapter_dir: Path, force: bool = 
     """The adapter's manifest must name this base; `force` turns a mismatch into a warning.
 
     fingerprint: the base's, when the caller has it already (hashing reads every weight file)."""
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise DataError(f"not a PEFT adapter folder (no adapter_config.json): {adapter_dir}")
+    if not (adapter_dir / lora_format.CONFIG_NAME).is_file():
+        raise DataError(f"not a PEFT adapter folder (no {lora_format.CONFIG_NAME}): {adapter_dir}")
     if not (adapter_dir / MANIFEST_NAME).is_file():
         progress(f"warning: {adapter_dir} has no {MANIFEST_NAME}; its base cannot be checked")
         return

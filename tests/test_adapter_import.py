@@ -100,16 +100,19 @@ def test_merge_and_gguf_lora_export_accept_it_and_llama_cpp_reads_it_back(import
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is part of the dev setup (make test)")
     from transformers import AutoTokenizer
 
+    from transformers import AutoModelForCausalLM
+
     from loraplex.convert import llamacpp_check
     from loraplex.convert.gguf_export import write_gguf
-    from loraplex.convert.merge import merge_adapter
     from loraplex.training.data import encode_prompt
 
-    adapter, lora_gguf = imported / "foreign", tmp_path / "foreign.gguf"
-    done = run_cli("-m", "loraplex.convert", "adapter-export", "--base", str(embedded_base), "--adapter",
-                   str(adapter), "--out", str(lora_gguf), "--format", "gguf-lora", "--no-verify", timeout=300)
-    assert done.returncode == 0, done.stderr
-    merged = merge_adapter(embedded_base, adapter, "fp16", progress=lambda _: None).float().eval()  # checked W+s*B@A
+    adapter, lora_gguf, merged_dir = imported / "foreign", tmp_path / "foreign.gguf", tmp_path / "merged"
+    for command, out, fmt in (("adapter-export", lora_gguf, "gguf-lora"), ("merge-export", merged_dir, "hf")):
+        done = run_cli("-m", "loraplex.convert", command, "--base", str(embedded_base), "--adapter", str(adapter),
+                       "--out", str(out), "--format", fmt, "--no-verify", timeout=300)
+        assert done.returncode == 0, done.stderr
+    assert "each checked = W + s*B@A" in done.stdout + done.stderr  # merge checked against lora_format's scaling
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
     base_gguf = write_gguf(embedded_base, tmp_path / "base-f16.gguf", "F16", progress=lambda _: None)
     with_lora = llamacpp_check.load_gguf(base_gguf, lora_path=lora_gguf)
     without = llamacpp_check.load_gguf(base_gguf)
@@ -195,3 +198,26 @@ def test_cli_refuses_with_one_line_errors(embedded_base, tmp_path):
         import_adapter(ok, embedded_base, tmp_path / "store", warn=lambda _: None)
     with pytest.raises(DataError, match="loraplex.json"):
         import_adapter(tmp_path / "store" / "ok", embedded_base, tmp_path / "store", adapter_id="again")
+
+
+def test_slots_without_per_module_scaling_refuse_patterns_by_name(embedded_base, tmp_path):
+    """The vLLM engine applies one alpha / r per adapter, so its slots (no per_module_scaling) must
+    refuse rank/alpha patterns rather than serve them mis-scaled; plain adapters still load."""
+    from types import SimpleNamespace
+
+    from loraplex.serving.engine.store import AdapterStore
+    from loraplex.serving.errors import AdapterRejected
+    from loraplex.training.lora_format import base_linear_shapes
+
+    loaded = {}
+    slots = SimpleNamespace(n_slots=3, module_shapes=base_linear_shapes(embedded_base),
+                            load_slot=lambda slot, weights: loaded.update({slot: weights}),
+                            clear_slot=lambda slot: loaded.pop(slot, None))
+    for name, kwargs in (("patterned", FOREIGN), ("plain", dict(r=4, lora_alpha=8, target_modules=["v_proj"]))):
+        src, _ = save_peft_adapter(embedded_base, tmp_path / name, **kwargs)
+        import_adapter(src, embedded_base, tmp_path / "store", warn=lambda _: None)
+    store = AdapterStore(tmp_path / "store", slots, base_fingerprint(embedded_base), max_rank=64)
+    with pytest.raises(AdapterRejected, match="rank_pattern/alpha_pattern .* torch engine only"):
+        store.acquire("patterned")
+    store.release(store.acquire("plain"))
+    assert [m.rank for m in next(iter(loaded.values())).values()] == [4] * 6
