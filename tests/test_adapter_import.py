@@ -180,9 +180,19 @@ def test_bad_weights_are_refused_by_name(embedded_base, tmp_path):
         with pytest.raises(LoraplexError, match=message):
             import_adapter(_variant(src, tmp_path / name, changed), embedded_base, store, warn=lambda _: None)
     peft_model.save_pretrained(str(tmp_path / "bin"), safe_serialization=False)
-    with pytest.raises(LoraplexError, match="pickle files .*safetensors"):
+    with pytest.raises(LoraplexError, match="pickle files \\(adapter_model.bin\\).*safe_serialization=True"):
         import_adapter(tmp_path / "bin", embedded_base, store, warn=lambda _: None)
     assert not store.exists() or not any(store.iterdir())
+
+
+def test_a_trainer_s_pickles_beside_safetensors_weights_stay_behind(embedded_base, tmp_path):
+    """Axolotl and TRL output folders hold training_args.bin: never loaded, never copied, named."""
+    src, _ = save_peft_adapter(embedded_base, tmp_path / "trl-out", r=4, lora_alpha=8, target_modules=["v_proj"])
+    (src / "training_args.bin").write_bytes(b"\x80\x04K\x01.")
+    notes = []
+    dest = import_adapter(src, embedded_base, tmp_path / "store", warn=notes.append)
+    assert not (dest / "training_args.bin").exists()
+    assert any("training_args.bin" in n for n in notes)
 
 
 def test_cli_refuses_with_one_line_errors(embedded_base, tmp_path):

@@ -40,12 +40,15 @@ def import_adapter(src: str | Path, base_dir: str | Path, store: str | Path, ada
         raise DataError(f"the store already has an adapter '{adapter_id}' ({dest}): pass --id NEW_ID, "
                         "or remove the old folder first")
     fingerprint = base_fingerprint(base_dir)  # also checks base_dir is a HF checkpoint
-    spec, modules = lora_format.read_adapter(src)
+    skipped = lora_format.check_files(src, other_pickles_ok=True)
+    spec, modules = lora_format.read_adapter(src, other_pickles_ok=True)
     try:
         lora_format.check_fits(modules, lora_format.base_linear_shapes(base_dir), max_rank)
     except LoraFormatError as exc:
         raise LoraFormatError(f"{src} does not fit base {base_dir}: {exc}") from None
     _warn_if_other_base(spec, base_dir, warn)
+    if skipped:
+        warn(f"note: not copied: {', '.join(skipped)} (pickle files are never loaded; the store refuses them)")
 
     store.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".import-{adapter_id}-", dir=store))  # hidden: the store skips it

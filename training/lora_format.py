@@ -202,16 +202,22 @@ def check_fits(modules: dict[str, LoraModule], shapes: dict[str, tuple[int, int]
                                   "(raise --max-lora-rank, or retrain with a smaller r)")
 
 
-def check_files(folder: Path) -> None:
-    """The folder has the config and safetensors weights, and no pickle files (never loaded)."""
+def check_files(folder: Path, other_pickles_ok: bool = False) -> list[str]:
+    """The folder has the config and safetensors weights, and no pickle files (never loaded).
+
+    other_pickles_ok: pickles beside the safetensors weights (a trainer's training_args.bin) are
+    returned instead of refused, for callers that copy only the two adapter files."""
     folder = Path(folder)
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise LoraFormatError(f"the adapter contains pickle files ({', '.join(pickles)}); only safetensors are "
-                              "loaded: re-save it with save_pretrained(..., safe_serialization=True) and delete them")
+    weights_pickled = [name for name in pickles if name.startswith("adapter_model")]
+    if pickles and (weights_pickled or not other_pickles_ok):
+        raise LoraFormatError(f"the adapter contains pickle files ({', '.join(weights_pickled or pickles)}); only "
+                              "safetensors are loaded: re-save it with save_pretrained(..., safe_serialization=True)"
+                              + ("" if other_pickles_ok else " and delete them"))
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).is_file():
             raise LoraFormatError(f"not a PEFT LoRA adapter folder: {folder} has no {name}")
+    return pickles
 
 
 def read_config(folder: Path) -> LoraSpec:
@@ -225,10 +231,10 @@ def read_config(folder: Path) -> LoraSpec:
     return parse_config(config)
 
 
-def read_adapter(folder: Path) -> tuple[LoraSpec, dict[str, LoraModule]]:
+def read_adapter(folder: Path, other_pickles_ok: bool = False) -> tuple[LoraSpec, dict[str, LoraModule]]:
     """Files, config and weights of a PEFT adapter folder, all checked; the base is not consulted."""
     folder = Path(folder)
-    check_files(folder)
+    check_files(folder, other_pickles_ok)
     spec = read_config(folder)
     return spec, parse_weights(spec, load_weights((folder / WEIGHTS_NAME).read_bytes()))
 
