@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from loraplex.serving.engine.api import (
     EngineConfig, RequestBook, RequestStream, StreamEvent, TrackedRequest, encode_prompt_text, require_base_dir,
 )
+from loraplex.serving.engine.detokenize import StopDetokenizer
+from loraplex.serving.engine.logits import LogitsProcessor
+from loraplex.serving.engine.logprobs import TokenLogprob, prompt_logprobs, token_logprob
 from loraplex.serving.engine.lora_batch import LoraSlots
 from loraplex.serving.engine.runner import KVCacheRunner
 from loraplex.serving.engine.sampling import SamplingParams, sample_next
@@ -29,14 +32,24 @@ from loraplex.training.errors import LoraplexError
 logger = logging.getLogger("loraplex.engine")
 
 
+@dataclass
+class TokenEvent(StreamEvent):
+    """A StreamEvent with the logprobs of the tokens behind its text (and, once, of the prompt)."""
+
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+
 @dataclass(eq=False)
 class _Request(TrackedRequest):
     generator: torch.Generator | None = None
     row: int = -1
     length: int = 0  # tokens in this request's cache row
     generated: list[int] = field(default_factory=list)
-    sent: str = ""
     cancel_step: int = 0  # the engine's decode step when cancel() arrived
+    detok: StopDetokenizer | None = None
+    processor: LogitsProcessor | None = None  # penalties, bias, min_tokens, grammar (when asked for)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent
 
 
 class TorchEngine:
@@ -98,6 +111,8 @@ class TorchEngine:
         self.store = AdapterStore(config.adapters or base_dir / "_no_adapters", self.slots,
                                   self.base_fingerprint, config.max_lora_rank, metrics=self.metrics)
         self.eos_ids = {self.tokenizer.eos_token_id, model.config.eos_token_id} - {None}
+        self.vocab_size = model.config.vocab_size
+        self._grammars = None  # GrammarCompiler, made on the first response_format request
 
     def _run(self, device: str) -> None:
         try:
@@ -115,9 +130,18 @@ class TorchEngine:
                request_id: str | None = None, timeout: float | None = None) -> RequestStream:
         """Queue a request; errors in the request itself raise here, before anything runs."""
         capacity = self.config.max_queue + len(self._running)
+        params = params or SamplingParams()
+        if isinstance(prompt, list) and not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
+            raise InvalidRequest(f"prompt token IDs must be in [0, {self.vocab_size})")
+        params.check_token_ids(self.vocab_size)
+        grammar = self._grammar(params.response_format) if params.response_format else None
         request = self.book.track(prompt, adapter_id, params, request_id, timeout, capacity, make=_Request)
-        if request.params.seed is not None:
-            request.generator = torch.Generator().manual_seed(request.params.seed)
+        params = request.params
+        if params.seed is not None:
+            request.generator = torch.Generator().manual_seed(params.seed)
+        request.detok = StopDetokenizer(self.tokenizer, params)
+        if params.needs_processing:
+            request.processor = LogitsProcessor(params, request.prompt_ids, self.vocab_size, self.eos_ids, grammar)
         with self._cond:
             self._waiting.append(request)
             self._cond.notify()
@@ -127,6 +151,13 @@ class TorchEngine:
 
     def encode(self, prompt: str) -> list[int]:
         return encode_prompt_text(self.tokenizer, prompt)
+
+    def _grammar(self, response_format: str):
+        from loraplex.serving.engine.grammar import GrammarCompiler
+
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)
+        return self._grammars.matcher(response_format)
 
     def cancel(self, request_id: str) -> None:
         with self._cond:
@@ -196,7 +227,9 @@ class TorchEngine:
                 request.lease = self.store.acquire(request.adapter_id) if request.adapter_id else None
             except NoFreeSlot:
                 break  # wait for a running request to release its adapter
-            except LoraplexError as exc:
+            except Exception as exc:  # this request fails alone; an unexpected error must not retry forever
+                if not isinstance(exc, LoraplexError):
+                    logger.exception("loading adapter %r failed", request.adapter_id)
                 self._finish(request, "error", exc)
                 continue
             with self._cond:
@@ -204,23 +237,40 @@ class TorchEngine:
                 request.row = self._free_rows.pop()
                 self._running.append(request)
             admitted.append(request)
-        if admitted and self.fixed_shapes:
-            for request in admitted:
-                self._prefill([request])
-        elif admitted:
-            self._prefill(admitted)
+        # Every forward first, then sampling: a request that finishes at once (echo with
+        # max_tokens=0) moves the last batch position, which a later group's forward reads.
+        prefilled = [(group, self._prefill(group)) for group in self._prefill_groups(admitted)]
+        for group, logits in prefilled:
+            self._accept_tokens(group, logits)
 
-    def _prefill(self, requests: list[_Request]) -> None:
+    def _prefill_groups(self, admitted: list[_Request]) -> list[list[_Request]]:
+        """Contiguous runs prefilled together; alone on CUDA (fixed shapes) and when scoring the prompt."""
+        groups: list[list[_Request]] = []
+        for request in admitted:
+            alone = self.fixed_shapes or request.params.prompt_logprobs is not None
+            if alone or not groups or groups[-1][-1].params.prompt_logprobs is not None:
+                groups.append([request])
+            else:
+                groups[-1].append(request)
+        return groups
+
+    def _prefill(self, requests: list[_Request]) -> torch.Tensor:
         width = max(len(r.prompt_ids) for r in requests)
         ids = torch.zeros(len(requests), width, dtype=torch.long)
         for i, request in enumerate(requests):
             ids[i, : len(request.prompt_ids)] = torch.tensor(request.prompt_ids)
         positions = torch.arange(width).repeat(len(requests), 1)
-        last = torch.tensor([len(r.prompt_ids) - 1 for r in requests])
-        logits = self._forward(requests, ids, positions, last)
+        scoring = requests[0].params.prompt_logprobs
+        if scoring is not None:  # one request: logits at every position ([1, t] index into the runner's rows)
+            logits = self._forward(requests, ids, positions, torch.arange(width).view(1, width))[0]
+            request = requests[0]
+            request.stream.push(TokenEvent(prompt_logprobs=prompt_logprobs(logits, request.prompt_ids, scoring)))
+            logits = logits[-1:]
+        else:
+            logits = self._forward(requests, ids, positions, torch.tensor([len(r.prompt_ids) - 1 for r in requests]))
         for request in requests:
             request.length = len(request.prompt_ids)
-        self._accept_tokens(requests, logits)
+        return logits
 
     def _decode_step(self) -> None:
         requests = list(self._running)
@@ -259,38 +309,47 @@ class TorchEngine:
     def _accept_tokens(self, requests: list[_Request], logits: torch.Tensor) -> None:
         now = time.monotonic()
         for request, row_logits in zip(requests, logits):
+            params = request.params
+            if params.max_tokens == 0:  # echo with max_tokens=0: the prompt's logprobs were all it asked
+                self._finish(request, "length")
+                continue
             try:
-                token = sample_next(row_logits, request.params, request.generator)
+                processed = request.processor(row_logits) if request.processor else row_logits
+                token = sample_next(processed, params, request.generator)
+                if request.processor:
+                    request.processor.accept(token)
             except Exception as exc:  # one request's sampling fails alone, never the batch
                 logger.exception("sampling failed for request %s", request.request_id)
                 self._finish(request, "error", exc)
                 continue
             if request.first_token_at is None:
                 request.first_token_at = now
-            if token in self.eos_ids and not request.params.ignore_eos:
-                self._emit(request, self.tokenizer.decode(request.generated, skip_special_tokens=True))
+            if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
+                self._emit(request, request.detok.flush())
                 self._finish(request, "stop")
                 continue
             request.generated.append(token)
-            text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
-            stop_at = request.params.find_stop(text)
-            if stop_at is not None:
-                self._emit(request, text[:stop_at])
-                self._finish(request, "stop")
-            elif len(request.generated) >= request.params.max_tokens or request.length + 1 >= self.max_seq:
+            if params.logprobs is not None:
+                request.logprobs.append(token_logprob(row_logits, token, params.logprobs))
+            text = request.detok.add(token)
+            if request.detok.stopped:
                 self._emit(request, text)
+                self._finish(request, "stop")
+            elif len(request.generated) >= params.max_tokens or request.length + 1 >= self.max_seq:
+                self._emit(request, text + request.detok.flush())
                 self._finish(request, "length")
             else:
-                self._emit(request, text, hold=request.params.longest_stop - 1)
+                self._emit(request, text, final=False)
 
-    def _emit(self, request: _Request, text: str, hold: int = 0) -> None:
-        """Send the new part of the text, holding back a possible partial stop string or UTF-8 char."""
-        ready = text[: len(text) - hold] if hold > 0 else text
-        if ready.endswith("\ufffd"):
+    def _emit(self, request: _Request, text: str, final: bool = True) -> None:
+        """Send new text (the detokenizer holds back partial characters and stop strings) with its logprobs.
+
+        Logprobs of tokens whose text is still held back wait for the next text, or the end.
+        """
+        if not text and not (final and request.logprobs):
             return
-        if len(ready) > len(request.sent):
-            request.stream.push(StreamEvent(text=ready[len(request.sent):]))
-            request.sent = ready
+        logprobs, request.logprobs = (request.logprobs or None), []
+        request.stream.push(TokenEvent(text=text, logprobs=logprobs))
 
     def _finish(self, request: _Request, reason: str, error: BaseException | None = None) -> None:
         with self._cond:
