@@ -63,7 +63,7 @@ def run_engine(engine, jobs: list[tuple[str, str]], clients: int, max_tokens: in
     return _summary(name, latencies, tokens[0], time.perf_counter() - started)
 
 
-def run_naive_peft(base_dir: Path, adapter_dirs: dict[str, Path], jobs, max_tokens: int) -> dict:
+def run_naive_peft(base_dir: Path, adapter_dirs: dict[str, Path], jobs, max_tokens: int, precision: str = "nf4") -> dict:
     """What you get without a multi-adapter engine: switch the active adapter, generate, repeat."""
     import torch
     from peft import PeftModel
@@ -71,13 +71,14 @@ def run_naive_peft(base_dir: Path, adapter_dirs: dict[str, Path], jobs, max_toke
 
     from loraplex.training.adapter_id import internal_name
     from loraplex.training.data import encode_prompt
-    from loraplex.training.quant import load_nf4_base
+    from loraplex.training.quant import load_dense_base, load_nf4_base
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     model = None
     for adapter_id, folder in adapter_dirs.items():
         if model is None:
-            model = PeftModel.from_pretrained(load_nf4_base(base_dir), str(folder), adapter_name=internal_name(adapter_id))
+            base = load_nf4_base(base_dir) if precision == "nf4" else load_dense_base(base_dir)  # as the engine serves it
+            model = PeftModel.from_pretrained(base, str(folder), adapter_name=internal_name(adapter_id))
         else:
             model.load_adapter(str(folder), adapter_name=internal_name(adapter_id))
     model.eval()
@@ -123,16 +124,18 @@ def main() -> int:
     jobs = [(PROMPTS[i % len(PROMPTS)], ids[i % len(ids)]) for i in range(args.requests)]
     engine = create_engine(EngineConfig(base_model=str(base_dir), adapters=str(store), max_batch=args.clients,
                                         max_loras=args.adapters, quantization=args.quantization, engine=args.engine))
+    # vLLM's CPU build serves an nf4 request in bf16: the naive baseline then runs on bf16 too
+    precision = getattr(engine, "base_precision", args.quantization)
     run_engine(engine, jobs[: args.clients], args.clients, 4, "warm-up")  # loads every adapter once
     base = run_engine(engine, [(p, "") for p, _ in jobs], args.clients, args.max_tokens, "base alone")
     ours = run_engine(engine, jobs, args.clients, args.max_tokens, "loraplex")
     engine.shutdown()
     # (b) last: torch work in this thread while the engine thread runs would slow the engine
     # (libgomp gives each thread its own worker pool; see serving/engine/engine.py)
-    naive = run_naive_peft(base_dir, adapter_dirs, jobs[: args.naive_requests], args.max_tokens)
+    naive = run_naive_peft(base_dir, adapter_dirs, jobs[: args.naive_requests], args.max_tokens, precision)
     results = [base, naive, ours]
     print(f"\n{args.clients} clients over {args.adapters} adapters, {args.max_tokens} new tokens, "
-          f"{args.quantization} base {base_dir}, {args.engine} engine")
+          f"{precision} base {base_dir}, {args.engine} engine")
     print(f"{'mode':<22}{'requests':>9}{'tokens/s':>10}{'p50 s':>8}{'p99 s':>8}")
     for r in results:
         print(f"{r['mode']:<22}{r['requests']:>9}{r['tokens_per_s']:>10.1f}{r['p50_s']:>8.2f}{r['p99_s']:>8.2f}")
@@ -140,7 +143,7 @@ def main() -> int:
               "loraplex_vs_base": ours["tokens_per_s"] / base["tokens_per_s"]}
     print(f"\nloraplex / naive = {ratios['loraplex_vs_naive']:.1f}x   loraplex / base = {ratios['loraplex_vs_base']:.0%}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()},
+    args.out.write_text(json.dumps({"config": {**{k: str(v) for k, v in vars(args).items()}, "served_precision": precision},
                                     "results": results, "ratios": ratios}, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -97,8 +97,20 @@ class EventLoopThread:
         self.loop.call_soon_threadsafe(callback, *args)
 
     def stop(self) -> None:
+        """Cancel what still runs on the loop (AsyncLLM's output handler after its shutdown), then stop it."""
+        try:
+            self.run(_cancel_other_tasks(), timeout=10)
+        except Exception:  # a stuck task must not block shutdown
+            logger.warning("tasks on the vLLM loop did not end within 10 s")
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+async def _cancel_other_tasks() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _log_failure(future: concurrent.futures.Future) -> None:
