@@ -63,7 +63,8 @@ def run_engine(engine, jobs: list[tuple[str, str]], clients: int, max_tokens: in
     return _summary(name, latencies, tokens[0], time.perf_counter() - started)
 
 
-def run_naive_peft(base_dir: Path, adapter_dirs: dict[str, Path], jobs, max_tokens: int, precision: str = "nf4") -> dict:
+def run_naive_peft(base_dir: Path, adapter_dirs: dict[str, Path], jobs, max_tokens: int,
+                   precision: str = "nf4") -> dict:
     """What you get without a multi-adapter engine: switch the active adapter, generate, repeat."""
     import torch
     from peft import PeftModel
@@ -77,7 +78,8 @@ def run_naive_peft(base_dir: Path, adapter_dirs: dict[str, Path], jobs, max_toke
     model = None
     for adapter_id, folder in adapter_dirs.items():
         if model is None:
-            base = load_nf4_base(base_dir) if precision == "nf4" else load_dense_base(base_dir)  # as the engine serves it
+            # the base in the precision the engine serves
+            base = load_nf4_base(base_dir) if precision == "nf4" else load_dense_base(base_dir)
             model = PeftModel.from_pretrained(base, str(folder), adapter_name=internal_name(adapter_id))
         else:
             model.load_adapter(str(folder), adapter_name=internal_name(adapter_id))
@@ -143,7 +145,8 @@ def main() -> int:
               "loraplex_vs_base": ours["tokens_per_s"] / base["tokens_per_s"]}
     print(f"\nloraplex / naive = {ratios['loraplex_vs_naive']:.1f}x   loraplex / base = {ratios['loraplex_vs_base']:.0%}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"config": {**{k: str(v) for k, v in vars(args).items()}, "served_precision": precision},
+    config = {**{k: str(v) for k, v in vars(args).items()}, "served_precision": precision}
+    args.out.write_text(json.dumps({"config": config,
                                     "results": results, "ratios": ratios}, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -22,12 +22,23 @@ from loraplex.serving.engine import vllm_args
 from loraplex.serving.engine.api import EngineConfig
 from loraplex.serving.engine.sampling import SamplingParams
 from loraplex.serving.engine.vllm_args import (
-    BUILDS, VLLMUnavailable, engine_args_kwargs, installed_build, sampling_kwargs, served_quantization,
-    vllm_lora_rank, vllm_needs_gpu, vllm_unavailable_reason,
+    BUILDS,
+    VLLMUnavailable,
+    engine_args_kwargs,
+    installed_build,
+    sampling_kwargs,
+    served_quantization,
+    vllm_lora_rank,
+    vllm_needs_gpu,
+    vllm_unavailable_reason,
 )
 from loraplex.serving.engine.vllm_engine import VLLMEngine
 from loraplex.serving.engine.vllm_lora import (
-    EventLoopThread, LoraIdMap, VLLMAdapterStore, VLLMLoraSlots, base_module_shapes,
+    EventLoopThread,
+    LoraIdMap,
+    VLLMAdapterStore,
+    VLLMLoraSlots,
+    base_module_shapes,
 )
 from loraplex.serving.errors import AdapterNotFound, AdapterRejected, InvalidRequest, NoFreeSlot
 from loraplex.training.adapter_id import internal_name
@@ -113,7 +124,8 @@ def test_unknown_quantization_is_refused(tmp_path):
         engine_args_kwargs(EngineConfig(quantization="int3"), tmp_path)
 
 
-@pytest.mark.parametrize("ours, vllms", [(1, 1), (8, 8), (12, 16), (16, 16), (48, 64), (64, 64), (300, 320), (512, 512)])
+@pytest.mark.parametrize("ours, vllms", [
+    (1, 1), (8, 8), (12, 16), (16, 16), (48, 64), (64, 64), (300, 320), (512, 512)])
 def test_lora_rank_rounds_up_to_a_rank_vllm_accepts(ours, vllms):
     assert vllm_lora_rank(ours) == vllms
 
@@ -128,7 +140,8 @@ def test_vllm_options_translate(tmp_path):
     assert (defaults["gpu_memory_utilization"], defaults["enforce_eager"], defaults["seed"]) == (0.9, False, 0)
     config = EngineConfig(max_loras=4, max_cpu_loras=32, gpu_memory_utilization=0.5, enforce_eager=True, seed=7)
     kwargs = engine_args_kwargs(config, tmp_path)
-    assert (kwargs["max_cpu_loras"], kwargs["gpu_memory_utilization"], kwargs["enforce_eager"], kwargs["seed"]) == (32, 0.5, True, 7)
+    options = ("max_cpu_loras", "gpu_memory_utilization", "enforce_eager", "seed")
+    assert tuple(kwargs[k] for k in options) == (32, 0.5, True, 7)
     with pytest.raises(ConfigError, match=r"max_cpu_loras \(2\) must be >= max_loras \(4\)"):
         engine_args_kwargs(EngineConfig(max_loras=4, max_cpu_loras=2), tmp_path)
 

@@ -27,13 +27,25 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.serving.engine.api import (
-    EngineConfig, RequestBook, RequestStream, StreamEvent, TrackedRequest, encode_prompt_text, require_base_dir,
+    EngineConfig,
+    RequestBook,
+    RequestStream,
+    StreamEvent,
+    TrackedRequest,
+    encode_prompt_text,
+    require_base_dir,
 )
 from loraplex.serving.engine.sampling import SamplingParams
 from loraplex.serving.engine.store import SlotLease
 from loraplex.serving.engine.vllm_args import (
-    FINISH_REASONS, INSTALL_HINT, VLLMUnavailable, engine_args_kwargs, installed_build, sampling_kwargs,
-    served_quantization, vllm_unavailable_reason,
+    FINISH_REASONS,
+    INSTALL_HINT,
+    VLLMUnavailable,
+    engine_args_kwargs,
+    installed_build,
+    sampling_kwargs,
+    served_quantization,
+    vllm_unavailable_reason,
 )
 from loraplex.serving.engine.vllm_lora import EventLoopThread, VLLMAdapterStore, VLLMLoraSlots, base_module_shapes
 from loraplex.serving.errors import DeadlineExceeded, EngineStopped, InvalidRequest, NoFreeSlot, QueueFull
