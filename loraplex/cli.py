@@ -40,6 +40,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_forever(options, demo=demo)
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from loraplex.convert.cli import main as convert_main
+
+    return convert_main(args.rest)
+
+
 def cmd_keys_add(args: argparse.Namespace) -> int:
     from loraplex.serving.auth import add_key
 
@@ -78,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = sub.add_parser("serve", help="Ray Serve: gRPC :9000 + OpenAI HTTP :8000 (see --help)", add_help=False)
     serve.set_defaults(func=cmd_serve, passthrough=True)
+
+    convert = sub.add_parser("convert", help="merge at FP16 and export GGUF / AWQ (the `convert` command)",
+                             add_help=False)
+    convert.set_defaults(func=cmd_convert, passthrough=True)
 
     keys = sub.add_parser("keys", help="tenant API keys for `serve --api-keys FILE`")
     add = keys.add_subparsers(dest="keys_command", required=True).add_parser(

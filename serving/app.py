@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, fields
+from pathlib import Path
 
 from loraplex.serving.auth import AUTH_OFF_WARNING, auth_from_args
 from loraplex.serving.engine.api import EngineConfig, require_base_dir
@@ -44,6 +45,9 @@ def build_app(args: dict | None = None):
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"unknown app args: {', '.join(unknown)}")
+    for name in ("base_model", "adapters", "adapter_base"):  # replicas do not share the driver's cwd
+        if args.get(name):
+            args[name] = str(Path(args[name]).resolve())
     config = EngineConfig(**args)
     require_base_dir(config)  # a missing base fails here, not in every replica
     # Ray hides GPUs from actors that did not ask for one: vLLM (unless its CPU build is what is

@@ -23,6 +23,7 @@ def awq_dir(embedded_base, tmp_path_factory):
     return export_awq(embedded_base, tmp_path_factory.mktemp("awq") / "out", texts, progress=lambda _: None)
 
 
+@pytest.mark.slow  # the AWQ calibration and export take minutes on 2 cores
 def test_awq_export_is_compressed_tensors_int4_and_loads_in_transformers(embedded_base, awq_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -17,12 +17,19 @@ pytest.importorskip("ray", reason="Ray Serve is part of the dev setup (make test
 
 def app_args_are_accepted(app: dict, tmp_path) -> None:
     """The app builder itself validates its args (unknown keys raise); build without starting Ray.
-    A key file path is swapped for a real key file made by `loraplex keys add`."""
+    A key file path is swapped for a real key file made by `loraplex keys add`, and a base on a
+    cluster volume for the embedded base (relative paths are the repo's own, as `serve run` sees them)."""
     from loraplex.serving.app import build_app
     from loraplex.serving.auth import add_key
+    from loraplex.training.base import EMBEDDED_BASE_DIR
 
     assert app["import_path"] == "loraplex.serving.app:build_app"
     args = dict(app.get("args") or {})
+    assert args.get("base_model"), "the app needs a base_model"
+    if args["base_model"].startswith("/"):
+        args["base_model"] = str(EMBEDDED_BASE_DIR)
+    else:
+        assert (REPO / args["base_model"] / "config.json").is_file()
     if "api_keys" in args:
         add_key(tmp_path / "keys.yaml", "acme", ["acme-*"])
         args["api_keys"] = str(tmp_path / "keys.yaml")
@@ -63,11 +70,14 @@ def test_rayservice_carries_what_kuberay_requires(tmp_path):
         assert isinstance(group["rayStartParams"], dict)
         worker = group["template"]["spec"]["containers"][0]
         assert worker["image"] and worker["resources"]["requests"]
-    # the key file the app reads is a mounted Secret on every pod (the Router may run on any)
+    # the key file the app reads is a mounted Secret on every pod (the Router may run on any),
+    # and the base is a volume on every pod (a replica may run on any)
     for spec in [head["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]:
         secrets = {v["name"] for v in spec["volumes"] if "secret" in v}
         mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"] if m["name"] in secrets}
         assert any(app["args"]["api_keys"].startswith(m + "/") for m in mounts)
+        all_mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+        assert app["args"]["base_model"] in all_mounts
 
 
 def test_prometheus_scrapes_the_ray_metrics_port():

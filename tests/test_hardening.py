@@ -160,6 +160,29 @@ def test_missing_or_unknown_keys_are_unauthenticated(server, stub, authorization
     assert httpx.get(url + "/v1/models", headers=headers, timeout=60).status_code == 401
 
 
+def test_refused_requests_are_counted_with_their_status(server, stub):
+    """401/403/429 answers never reach an engine; the Router counts them per adapter and code."""
+    import urllib.request
+
+    from loraplex.v1 import loraplex_pb2 as pb
+
+    request = pb.GenerateRequest(prompt="hello\n", max_tokens=2)
+    for key in (None, "not-a-key"):
+        with pytest.raises(grpc.RpcError):
+            stub.Generate(request, metadata=metadata(key, INITECH), timeout=60)
+    assert completion(server, server[2]["acme"], INITECH).status_code == 403
+    url = f"http://127.0.0.1:{server[0].http_port}/metrics"
+
+    def counted() -> bool:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        lines = [line for line in text.splitlines() if line.startswith("loraplex_requests_total")
+                 and f'adapter="{INITECH}"' in line]
+        return any('code="UNAUTHENTICATED"' in line for line in lines) and \
+            any('code="PERMISSION_DENIED"' in line for line in lines)
+
+    wait_for(counted, timeout=60)  # Ray exports metrics every few seconds
+
+
 def test_another_tenants_adapter_is_permission_denied(server, stub):
     import openai
 
@@ -353,57 +376,62 @@ CLEAN_GRPC = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.
               grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION}
 
 
-@pytest.fixture(scope="module")
-def fuzz_replica(server):
-    """The replica before the fuzz; the last fuzz test checks it is still the one serving."""
-    return replica_stats(server)["replica_id"]
+def assert_fuzz_left_no_trace(server, stub, replica_before: str) -> None:
+    """After a fuzz run: the same replica serves (nothing crashed it) and no payload ran."""
+    assert replica_stats(server)["replica_id"] == replica_before
+    assert not server[3].exists()
+    assert_still_serving(stub, server, server[2])
 
 
-@settings(**FUZZ_LIVE)
-@given(data=st.data())
-def test_random_http_bodies_get_a_clear_status(server, fuzz_replica, data):
+def test_random_http_bodies_get_a_clear_status(server, stub):
     from tests.strategies import json_values, mutated_bodies
 
-    path = data.draw(st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
-    valid = {"model": data.draw(st.sampled_from([ACME, "", "base", "../x", "bad-pickle"])), "max_tokens": 4,
-             **({"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]})}
-    body = data.draw(st.one_of(json_values, mutated_bodies(valid)))
-    reply = httpx.post(f"http://127.0.0.1:{server[0].http_port}{path}", content=json.dumps(body), timeout=120,
-                       headers={"authorization": f"Bearer {server[2]['any']}", "content-type": "application/json"})
-    assert reply.status_code in (200, 400, 403, 404, 422, 429), (body, reply.text)
-    assert reply.status_code == 200 or reply.json()["error"]["message"]
-    raw = data.draw(st.binary(max_size=64))
-    garbage = httpx.post(f"http://127.0.0.1:{server[0].http_port}{path}", content=raw, timeout=60,
-                         headers={"authorization": f"Bearer {server[2]['any']}", "content-type": "application/json"})
-    assert garbage.status_code in (200, 400), (raw, garbage.text)
+    @settings(**FUZZ_LIVE)
+    @given(data=st.data())
+    def fuzz(data):
+        path = data.draw(st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+        valid = {"model": data.draw(st.sampled_from([ACME, "", "base", "../x", "bad-pickle"])), "max_tokens": 4,
+                 **({"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]})}
+        body = data.draw(st.one_of(json_values, mutated_bodies(valid)))
+        reply = httpx.post(f"http://127.0.0.1:{server[0].http_port}{path}", content=json.dumps(body), timeout=120,
+                           headers={"authorization": f"Bearer {server[2]['any']}", "content-type": "application/json"})
+        assert reply.status_code in (200, 400, 403, 404, 422, 429), (body, reply.text)
+        assert reply.status_code == 200 or reply.json()["error"]["message"]
+        raw = data.draw(st.binary(max_size=64))
+        garbage = httpx.post(f"http://127.0.0.1:{server[0].http_port}{path}", content=raw, timeout=60,
+                             headers={"authorization": f"Bearer {server[2]['any']}", "content-type": "application/json"})
+        assert garbage.status_code in (200, 400), (raw, garbage.text)
+
+    before = replica_stats(server)["replica_id"]
+    fuzz()
+    assert_fuzz_left_no_trace(server, stub, before)
 
 
-@settings(**FUZZ_LIVE)
-@given(data=st.data())
-def test_random_grpc_requests_get_a_clear_status(server, stub, fuzz_replica, data):
+def test_random_grpc_requests_get_a_clear_status(server, stub):
     from tests.strategies import proto_requests
 
-    request = data.draw(proto_requests())
-    adapter = data.draw(st.one_of(st.sampled_from([ACME, "", "bad-symlink"]),
-                                  st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=20)))
-    try:
-        reply = stub.Generate(request, metadata=metadata(server[2]["any"], adapter), timeout=120)
-        assert reply.request_id and reply.finish_reason
-    except grpc.RpcError as exc:
-        assert exc.code() in CLEAN_GRPC and exc.details(), (request, adapter, exc)
-    raw = data.draw(st.binary(max_size=64))
-    with grpc.insecure_channel(f"127.0.0.1:{server[0].grpc_port}") as channel:
+    @settings(**FUZZ_LIVE)
+    @given(data=st.data())
+    def fuzz(data):
+        request = data.draw(proto_requests())
+        adapter = data.draw(st.one_of(st.sampled_from([ACME, "", "bad-symlink"]),
+                                      st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=20)))
         try:
-            channel.unary_unary("/loraplex.v1.LoraplexService/Generate")(
-                raw, metadata=metadata(server[2]["any"], ACME), timeout=60)
-        except grpc.RpcError as exc:  # undecodable bytes: grpc's own status from the proxy's deserializer
-            assert exc.code() in CLEAN_GRPC or "Error parsing message" in exc.details(), exc
+            reply = stub.Generate(request, metadata=metadata(server[2]["any"], adapter), timeout=120)
+            assert reply.request_id and reply.finish_reason
+        except grpc.RpcError as exc:
+            assert exc.code() in CLEAN_GRPC and exc.details(), (request, adapter, exc)
+        raw = data.draw(st.binary(max_size=64))
+        with grpc.insecure_channel(f"127.0.0.1:{server[0].grpc_port}") as channel:
+            try:
+                channel.unary_unary("/loraplex.v1.LoraplexService/Generate")(
+                    raw, metadata=metadata(server[2]["any"], ACME), timeout=60)
+            except grpc.RpcError as exc:  # undecodable bytes: grpc's own status from the proxy's deserializer
+                assert exc.code() in CLEAN_GRPC or "Error parsing message" in exc.details(), exc
 
-
-def test_the_fuzzed_replica_is_still_the_one_serving(server, stub, fuzz_replica):
-    assert replica_stats(server)["replica_id"] == fuzz_replica
-    assert not server[3].exists()  # no payload ran, whatever the fuzz sent
-    assert_still_serving(stub, server, server[2])
+    before = replica_stats(server)["replica_id"]
+    fuzz()
+    assert_fuzz_left_no_trace(server, stub, before)
 
 
 # -- 4. faults --------------------------------------------------------------------------------------
@@ -450,8 +478,11 @@ def test_a_replica_killed_mid_stream_gives_a_clean_error_then_serving_resumes(se
 
 
 def test_graceful_shutdown_drains_requests_in_flight(server, stub):
-    """Last in this module: it deletes the app. Streams already running finish in full."""
+    """Deleting the app lets streams already running finish in full; the app is then deployed
+    again, so the tests after this one (in any order) find it serving."""
     from ray import serve
+
+    from loraplex.serving.launch import start
 
     from loraplex.v1 import loraplex_pb2 as pb
 
@@ -466,3 +497,5 @@ def test_graceful_shutdown_drains_requests_in_flight(server, stub):
         assert messages[-1].finish_reason in ("length", "stop") and messages[-1].completion_tokens > 0
     deleting.join(120)
     assert not deleting.is_alive()
+    start(server[0])
+    assert_still_serving(stub, server, keys)

@@ -70,8 +70,11 @@ def test_two_nodes_affinity_routing_then_survive_a_node_stop(cluster):
     for tenant in demo_tenants():
         ask(base_url, tenant)  # loads the adapter on some replica
     # a replica reports the adapters it holds to Serve's controller, which pushes that to the
-    # routers: affinity applies once that round trip is done (a few seconds)
-    time.sleep(5)
+    # routers: affinity applies once that round trip is done. Poll for it (answers from one
+    # replica in a row), then hold it to 8 more.
+    deadline = time.monotonic() + 60
+    while not all(len({ask(base_url, tenant) for _ in range(3)}) == 1 for tenant in demo_tenants()):
+        assert time.monotonic() < deadline, "affinity never settled"
     for tenant in demo_tenants():
         first = ask(base_url, tenant)
         repeats = {ask(base_url, tenant) for _ in range(8)}
