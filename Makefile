@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup setup-dev demo test test-fast bench-train bench-serve clean setup-vllm test-vllm
+.PHONY: setup setup-dev demo lint test test-fast bench-train bench-serve clean setup-vllm test-vllm
 
 # llama.cpp (through llama-cpp-python) builds from source: portable flags, AMX off.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_INT8=OFF
@@ -48,16 +48,24 @@ setup-dev: $(VENV)/.installed-dev
 demo: setup
 	$(PY) -m loraplex.cli demo
 
-# the vllm-marked tests run in .venv-vllm (test-vllm), where vLLM is installed
+lint: setup-dev
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+# What CI runs: lint; every test in random order (module buckets; the seed is printed), with
+# pyproject's per-test timeout and the 25 slowest listed; then the vllm-marked tests in
+# .venv-vllm (test-vllm), where vLLM is installed.
 test: setup-dev
-	$(PY) -m pytest -q -rs -m "not vllm"
+	$(MAKE) lint
+	$(PY) -m pytest -q -rs -m "not vllm" -p random_order --random-order --durations=25
 	$(MAKE) test-vllm
 
 test-vllm: setup-vllm
 	$(PY_VLLM) -m pytest -q -rs -m vllm --durations=10 $(VLLM_TESTS)
 
+# minutes, not tens of minutes: skips every test that starts Ray, trains or builds (marked slow)
 test-fast: setup-dev
-	$(PY) -m pytest -q -rs -m "not slow"
+	$(PY) -m pytest -q -rs -m "not slow and not vllm" --durations=10
 
 bench-train: setup
 	$(PY) benchmarks/train_bench.py
