@@ -9,8 +9,8 @@ FP16 weights; the verify report says which target wins for a given adapter.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 

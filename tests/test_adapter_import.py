@@ -98,9 +98,7 @@ def test_served_greedy_output_equals_peft_generate_alone_and_mixed(imported, emb
 @pytest.mark.slow
 def test_merge_and_gguf_lora_export_accept_it_and_llama_cpp_reads_it_back(imported, embedded_base, tmp_path):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is part of the dev setup (make test)")
-    from transformers import AutoTokenizer
-
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from loraplex.convert import llamacpp_check
     from loraplex.convert.gguf_export import write_gguf

@@ -13,8 +13,8 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from loraplex.training import lora_format
 from loraplex.training.adapter_id import validate_adapter_id

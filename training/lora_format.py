@@ -180,8 +180,9 @@ def parse_weights(spec: LoraSpec, tensors: dict[str, torch.Tensor]) -> dict[str,
 def _unsupported_tensor(key: str) -> str:
     if "lora_magnitude_vector" in key:
         return f"the adapter uses DoRA (tensor {key}), which loraplex does not support; retrain with use_dora=False"
-    if "lora_embedding_" in key:
-        return f"the adapter puts LoRA on an embedding ({key}), which loraplex does not support"
+    if "lora_embedding_" in key or set(key.split(".")) & set(EMBEDDING_MODULES):
+        return (f"the adapter changes an embedding or lm_head (tensor {key}), which loraplex does not support; "
+                "retrain targeting the decoder's linear layers only")
     if key.endswith(".bias"):
         return f"the adapter trains bias terms ({key}), which loraplex does not support"
     return f"unsupported adapter tensor {key} (only LoRA A/B on linear layers are supported)"
