@@ -289,12 +289,19 @@ def test_hot_swap_under_load_fails_nothing_and_switches_versions(engine, adapter
     workers = [threading.Thread(target=client) for _ in range(4)]
     for w in workers:
         w.start()
-    time.sleep(1.0)
+
+    def wait_for_results(enough) -> None:  # poll on what the clients observed, never a fixed sleep
+        deadline = time.monotonic() + 120
+        while not enough() and not errors:
+            assert time.monotonic() < deadline, "the clients made no progress"
+            time.sleep(0.01)
+
+    wait_for_results(lambda: len(results) >= 8)  # the old version is serving under load
     before_switch = time.monotonic()
     (root / "swapme").rename(root / ".swap-old")
     (root / ".swap-stage").rename(root / "swapme")
     switched = time.monotonic()
-    time.sleep(1.5)
+    wait_for_results(lambda: sum(submitted > switched for submitted, _, _ in list(results)) >= 8)
     stop.set()
     for w in workers:
         w.join(60)
