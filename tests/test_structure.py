@@ -55,6 +55,18 @@ def import_graph() -> dict[str, set[str]]:
     return {name: {n for n in imported_names(path, name) if n in mods and n != name} for name, path in mods.items()}
 
 
+def test_every_import_uses_the_installed_namespace():
+    """`from serving...` works only from a checkout; installed, only `loraplex.serving` exists."""
+    bare = []
+    for path in [*modules().values(), *REPO.glob("tests/*.py"), *REPO.glob("benchmarks/*.py"), *REPO.glob("deploy/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            bare += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names
+                     if n.split(".")[0] in ("training", "serving", "convert")]
+    assert not bare, bare
+
+
 def test_no_import_cycles():
     graph = import_graph()
     index, low, stack, on_stack, cycles = {}, {}, [], set(), []
