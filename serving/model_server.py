@@ -12,6 +12,7 @@ from dataclasses import replace
 from ray import serve
 
 from loraplex.serving.auth import TenantLimits
+from loraplex.serving.choices import Choice, gather, merged
 from loraplex.serving.engine.api import EngineConfig
 from loraplex.serving.errors import InvalidRequest
 from loraplex.serving.requests import GenerateCall
@@ -44,65 +45,100 @@ class ModelServer:
         self.engine.store.release(lease)
         return adapter_id
 
-    async def _submit(self, call: GenerateCall):
-        from loraplex.serving.engine.sampling import SamplingParams
-
-        adapter_id = serve.get_multiplexed_model_id()
-        if adapter_id:
-            await self.get_adapter(adapter_id)
-        prompt = call["prompt"]
+    def _prompt(self, call: GenerateCall) -> list[str | list[int]]:
+        """The prompts of a call; messages are rendered with the model's chat template."""
         if call["messages"]:
             try:
-                prompt = self.engine.tokenizer.apply_chat_template(call["messages"], tokenize=False,
-                                                                   add_generation_prompt=True)
+                return [self.engine.tokenizer.apply_chat_template(call["messages"], tokenize=False,
+                                                                  add_generation_prompt=True)]
             except Exception as exc:  # the model's own template refuses these messages
                 raise InvalidRequest(f"messages do not fit the chat template: {exc}"[:300]) from None
+        return call.get("prompts") or [call["prompt"] or ""]
+
+    def _params(self, call: GenerateCall):
+        from loraplex.serving.engine.sampling import SamplingParams
+
         try:
             params = SamplingParams(**call["params"])
         except TypeError as exc:
             raise InvalidRequest(str(exc)) from None
-        prompt_ids = self.engine.encode(prompt or "")
-        limits = TenantLimits(**call["limits"]) if call.get("limits") else None
-        if limits is not None:
-            limits.check_prompt_tokens(len(prompt_ids))
-            limits.check_new_tokens(params.max_tokens)
-            if params.max_tokens is None and limits.max_new_tokens is not None:
-                room = max(1, self.engine.max_seq - len(prompt_ids))
-                params = replace(params, max_tokens=min(limits.max_new_tokens, room))
-        return adapter_id, self.engine.submit(prompt_ids, adapter_id, params, request_id=call["request_id"],
-                                              timeout=call.get("timeout"))
+        extended = params.extended_fields()
+        if extended and self.engine.config.engine != "torch":
+            raise InvalidRequest(f"the {self.engine.config.engine} engine does not implement "
+                                 f"{', '.join(extended)}: serve with --engine torch for these fields")
+        return params
 
-    def _final(self, adapter_id: str, request_id: str, text: str, event) -> dict:
-        if event.error is not None:
-            raise event.error
-        return {"text": text, "finish_reason": event.finish_reason, "prompt_tokens": event.prompt_tokens,
-                "completion_tokens": event.completion_tokens, "request_id": request_id,
-                "adapter_id": adapter_id, "replica_id": self.replica_id, "final": True,
-                "adapter_version": event.adapter_version}
+    async def _submit(self, call: GenerateCall) -> tuple[str, list[Choice]]:
+        """Every (prompt, choice) as its own engine request; a refusal cancels those already queued."""
+        adapter_id = serve.get_multiplexed_model_id()
+        if adapter_id:
+            await self.get_adapter(adapter_id)
+        params, n = self._params(call), call.get("n") or 1
+        limits = TenantLimits(**call["limits"]) if call.get("limits") else None
+        choices: list[Choice] = []
+        try:
+            for p, prompt in enumerate(self._prompt(call)):
+                prompt_ids = prompt if isinstance(prompt, list) else self.engine.encode(prompt)
+                echo = "" if not call.get("echo") else prompt if isinstance(prompt, str) else (
+                    self.engine.tokenizer.decode(prompt, skip_special_tokens=True))
+                if limits is not None:
+                    limits.check_prompt_tokens(len(prompt_ids))
+                    limits.check_new_tokens(params.max_tokens)
+                    if params.max_tokens is None and limits.max_new_tokens is not None:
+                        room = max(1, self.engine.max_seq - len(prompt_ids))
+                        params = replace(params, max_tokens=min(limits.max_new_tokens, room))
+                for i in range(n):
+                    index = p * n + i
+                    one = params if params.seed is None or index == 0 else replace(params, seed=params.seed + index)
+                    request_id = call["request_id"] if index == 0 else f"{call['request_id']}-{index}"
+                    stream = self.engine.submit(prompt_ids, adapter_id, one, request_id=request_id,
+                                                timeout=call.get("timeout"))
+                    choices.append(Choice(index, len(prompt_ids), echo, stream))
+        except BaseException:
+            for choice in choices:
+                choice.stream.cancel()
+            raise
+        return adapter_id, choices
+
+    def _ids(self, adapter_id: str, call: GenerateCall) -> dict:
+        return {"request_id": call["request_id"], "adapter_id": adapter_id, "replica_id": self.replica_id}
+
+    @staticmethod
+    def _prompt_tokens(choices: list[Choice], n: int) -> int:
+        return sum(c.prompt_tokens for c in choices[::n])  # once per prompt, however many choices
 
     async def generate(self, call: GenerateCall) -> dict:
-        adapter_id, stream = await self._submit(call)
-        parts = []
-        try:
-            async for event in stream:
-                parts.append(event.text)
-        except asyncio.CancelledError:
-            stream.cancel()
-            raise
-        return self._final(adapter_id, call["request_id"], "".join(parts), event)
+        adapter_id, choices = await self._submit(call)
+        outputs = await gather(choices, self.engine.tokenizer)
+        first = outputs[0]
+        return {**self._ids(adapter_id, call), "text": first["text"], "finish_reason": first["finish_reason"],
+                "prompt_tokens": self._prompt_tokens(choices, call.get("n") or 1),
+                "completion_tokens": sum(o["completion_tokens"] for o in outputs), "final": True,
+                "adapter_version": first["adapter_version"], "choices": outputs}
 
     async def generate_stream(self, call: GenerateCall):
-        adapter_id, stream = await self._submit(call)
-        try:
-            async for event in stream:
-                if event.final:
-                    yield self._final(adapter_id, call["request_id"], "", event)
-                elif event.text:
-                    yield {"text": event.text, "final": False, "request_id": call["request_id"],
-                           "adapter_id": adapter_id, "replica_id": self.replica_id}
-        except (asyncio.CancelledError, GeneratorExit):
-            stream.cancel()
-            raise
+        """Chunks of every choice (see choices.merged), then one final chunk with the totals."""
+        adapter_id, choices = await self._submit(call)
+        ids, completion, version = self._ids(adapter_id, call), 0, ""
+        async for chunk in merged(choices, self.engine.tokenizer):
+            completion += chunk.get("completion_tokens", 0)
+            version = chunk.get("adapter_version", version)
+            yield {**ids, **chunk, "final": False}
+        yield {**ids, "final": True, "text": "", "prompt_tokens": self._prompt_tokens(choices, call.get("n") or 1),
+               "completion_tokens": completion, "adapter_version": version, "choice_count": len(choices)}
+
+    async def load_lora_adapter(self, adapter_id: str, lora_path: str) -> dict:
+        """vLLM's /v1/load_lora_adapter: the path must be the adapter's own folder in the store."""
+        from pathlib import Path
+
+        store = self.engine.store
+        folder = store.folder(adapter_id)  # the store's own checks: ID, inside the root
+        given = Path(lora_path)
+        resolved = (given if given.is_absolute() else store.root / given).resolve()
+        if resolved != folder.resolve():
+            raise InvalidRequest(f"lora_path must be the adapter's folder in this server's store, {folder} "
+                                 f"(got {lora_path}): copy the adapter into the store root {store.root} first")
+        return await self.load_adapter(adapter_id)
 
     async def list_adapters(self) -> dict:
         store = self.engine.store

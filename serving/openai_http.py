@@ -24,57 +24,166 @@ http_app = FastAPI(title="loraplex", description="OpenAI-compatible completions 
 def openai_error(exc: BaseException) -> JSONResponse:
     _, status, kind = classify(exc)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(status_code=status, headers=headers, content={"error": {
-        "message": str(exc), "type": kind, "code": status, "param": None}})
+    return JSONResponse(
+        status_code=status,
+        headers=headers,
+        content={"error": {"message": str(exc), "type": kind, "code": status, "param": None}},
+    )
 
 
 @http_app.exception_handler(RequestValidationError)
 async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-    reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.errors())
-    return openai_error(InvalidRequest(reasons or "invalid request body"))
+    return openai_error(InvalidRequest(body_errors(exc.errors()) or "invalid request body"))
 
 
-def openai_response(result: dict, chat: bool) -> dict:
-    """`model` is the adapter that answered (from the replica), so a client can check it."""
-    usage = {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
-             "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": result["text"]},
-                  "finish_reason": openai_finish_reason(result["finish_reason"])}
-    else:
-        choice = {"index": 0, "text": result["text"], "logprobs": None, "finish_reason": openai_finish_reason(result["finish_reason"])}
-    return {"id": result["request_id"], "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": result["adapter_id"] or BASE_MODEL_ID, "choices": [choice],
-            "usage": usage,
-            "system_fingerprint": result["replica_id"]}
-
-
-def openai_finish_reason(reason: str) -> str | None:
-    return {"stop": "stop", "length": "length"}.get(reason, reason or None)
-
-
-async def sse(first: dict, chunks, chat: bool):
-    def event(chunk: dict) -> str:
-        finish = openai_finish_reason(chunk["finish_reason"]) if chunk["final"] else None
-        if chat:
-            delta = {} if chunk["final"] else {"role": "assistant", "content": chunk["text"]}
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+def body_errors(errors) -> str:
+    """Pydantic's errors as one line; a field the server does not implement is named as such."""
+    reasons = []
+    for error in errors:
+        where = ".".join(str(p) for p in error["loc"][1:])
+        if error["type"] == "extra_forbidden":
+            reasons.append(f"{where}: this server does not implement the field '{error['loc'][-1]}'")
         else:
-            choice = {"index": 0, "text": chunk["text"], "logprobs": None, "finish_reason": finish}
-        payload = {"id": chunk["request_id"], "object": "chat.completion.chunk" if chat else "text_completion",
-                   "created": int(time.time()), "model": chunk["adapter_id"] or BASE_MODEL_ID, "choices": [choice],
-                   "system_fingerprint": chunk["replica_id"]}
+            reasons.append(f"{where}: {error['msg']}")
+    return "; ".join(dict.fromkeys(reasons))
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _head(result: dict, chat: bool, chunk: bool) -> dict:
+    """`model` is the adapter that answered, `system_fingerprint` the replica (from the replica itself)."""
+    kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
+    return {
+        "id": result["request_id"],
+        "object": kind,
+        "created": int(time.time()),
+        "model": result["adapter_id"] or BASE_MODEL_ID,
+        "system_fingerprint": result["replica_id"],
+    }
+
+
+def chat_logprobs(entries: list[dict] | None) -> dict | None:
+    """OpenAI's chat shape: {"content": [{token, logprob, bytes, top_logprobs}], "refusal": None}."""
+    if entries is None:
+        return None
+
+    def one(e: dict) -> dict:
+        return {"token": e["token"], "logprob": e["logprob"], "bytes": e["bytes"]}
+
+    return {"content": [{**one(e), "top_logprobs": [one(t) for t in e["top"]]} for e in entries], "refusal": None}
+
+
+def completion_logprobs(entries: list[dict], offset: int = 0) -> dict:
+    """OpenAI's completions shape: tokens, token_logprobs, top_logprobs (dicts), text_offset."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"]) if not e.get("special") else 0
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [
+            None if e["logprob"] is None else {e["token"]: e["logprob"], **{t["token"]: t["logprob"] for t in e["top"]}}
+            for e in entries
+        ],
+        "text_offset": offsets,
+    }
+
+
+def _completion_entries(choice: dict) -> list[dict] | None:
+    if choice.get("prompt_logprobs") is None and choice.get("logprobs") is None:
+        return None
+    return (choice.get("prompt_logprobs") or []) + (choice.get("logprobs") or [])
+
+
+def openai_response(result: dict, chat: bool, logprobs: bool) -> dict:
+    choices = []
+    for choice in result["choices"]:
+        finish = choice["finish_reason"]
+        if chat:
+            choices.append(
+                {
+                    "index": choice["index"],
+                    "message": {"role": "assistant", "content": choice["text"]},
+                    "logprobs": chat_logprobs(choice["logprobs"]) if logprobs else None,
+                    "finish_reason": finish,
+                }
+            )
+        else:
+            entries = _completion_entries(choice) if logprobs else None
+            choices.append(
+                {
+                    "index": choice["index"],
+                    "text": choice["text"],
+                    "finish_reason": finish,
+                    "logprobs": None if entries is None else completion_logprobs(entries),
+                }
+            )
+    return {
+        **_head(result, chat, chunk=False),
+        "choices": choices,
+        "usage": usage(result["prompt_tokens"], result["completion_tokens"]),
+    }
+
+
+async def sse(first: dict, chunks, chat: bool, logprobs: bool, include_usage: bool):
+    """OpenAI's server-sent events; a failure after the headers is an in-band error event."""
+    offsets: dict[int, int] = {}  # completions: text_offset so far, per choice
+    started: set[int] = set()  # chat: choices whose first delta (with the role) went out
+
+    def event(chunk: dict) -> str:
+        if chunk["final"]:
+            payload = {
+                **_head(chunk, chat, chunk=True),
+                "choices": [],
+                "usage": usage(chunk["prompt_tokens"], chunk["completion_tokens"]),
+            }
+            return f"data: {json.dumps(payload)}\n\n"
+        index, finish = chunk["index"], chunk["finish_reason"] or None
+        if chat:
+            delta: dict[str, Any] = {"content": chunk["text"]} if chunk["text"] or not finish else {}
+            if index not in started:
+                started.add(index)
+                delta["role"] = "assistant"
+            choice: dict[str, Any] = {
+                "index": index,
+                "delta": delta,
+                "finish_reason": finish,
+                "logprobs": chat_logprobs(chunk["logprobs"] or []) if logprobs else None,
+            }
+        else:
+            entries = _completion_entries(chunk) if logprobs else None
+            lp = None
+            if entries is not None:
+                lp = completion_logprobs(entries, offsets.get(index, 0))
+                offsets[index] = offsets.get(index, 0) + sum(len(e["token"]) for e in entries if not e.get("special"))
+            choice = {"index": index, "text": chunk["text"], "finish_reason": finish, "logprobs": lp}
+        payload = {**_head(chunk, chat, chunk=True), "choices": [choice]}
+        if include_usage:
+            payload["usage"] = None
         return f"data: {json.dumps(payload)}\n\n"
 
     try:
-        yield event(first)
-        if not first["final"]:
-            async for chunk in chunks:
+        async for chunk in _chain(first, chunks):
+            if not chunk["final"] or include_usage:
                 yield event(chunk)
     except Exception as exc:  # headers are sent: report in band, as OpenAI does
         _, status, kind = classify(replica_cause(exc))
         yield f"data: {json.dumps({'error': {'message': str(replica_cause(exc)), 'type': kind, 'code': status}})}\n\n"
     yield "data: [DONE]\n\n"
+
+
+async def _chain(first: dict, rest):
+    yield first
+    if not first["final"]:
+        async for chunk in rest:
+            yield chunk
 
 
 async def held(gate: contextlib.ExitStack, events):

@@ -5,8 +5,6 @@ concurrency limit) and then goes to a ModelServer replica chosen by adapter
 (`handle.options(multiplexed_model_id=...)`).
 """
 
-from __future__ import annotations
-
 import asyncio
 import contextlib
 import logging
@@ -20,12 +18,27 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from loraplex.serving import grpc_responses
 from loraplex.serving.auth import AUTH_OFF_WARNING, KeyTable, TenantKey, TenantLimits, authorize, require_admin
-from loraplex.serving.errors import DeadlineExceeded, ReplicaUnavailable, TenantLimitExceeded, classify, replica_cause
+from loraplex.serving.errors import (
+    DeadlineExceeded,
+    InvalidRequest,
+    ReplicaUnavailable,
+    TenantLimitExceeded,
+    classify,
+    replica_cause,
+)
 from loraplex.serving.openai_http import held, http_app, openai_error, openai_response, sse
 from loraplex.serving.requests import (
-    BASE_MODEL_ID, ChatCompletionBody, CompletionBody, GenerateCall, adapter_from_model, call_from_proto,
+    BASE_MODEL_ID,
+    ChatCompletionBody,
+    CompletionBody,
+    GenerateCall,
+    LoraAdapterBody,
+    adapter_from_model,
+    call_from_proto,
 )
+from loraplex.training.adapter_id import validate_adapter_id
 from loraplex.v1 import loraplex_pb2 as pb
 
 logger = logging.getLogger("ray.serve")
@@ -153,18 +166,15 @@ class Router:
         except Exception as exc:
             self._grpc_fail(grpc_context, replica_cause(exc))
             return pb.GenerateResponse()
-        return pb.GenerateResponse(**{k: result[k] for k in (
-            "text", "finish_reason", "prompt_tokens", "completion_tokens", "request_id", "adapter_id", "replica_id",
-            "adapter_version")})
+        return grpc_responses.unary(result)
 
     async def GenerateStream(self, request, grpc_context):  # noqa: N802
         try:
             key, call = self._grpc_key(grpc_context), self._grpc_call(request, grpc_context)
             adapter_id = serve.get_multiplexed_model_id()
             with self._admitted(key, adapter_id, call):
-                async for chunk in self._generate_stream(adapter_id, call):
-                    chunk.pop("final")
-                    yield pb.GenerateResponse(**chunk)
+                async for message in grpc_responses.stream(self._generate_stream(adapter_id, call), call["n"]):
+                    yield message
         except Exception as exc:
             self._grpc_fail(grpc_context, replica_cause(exc))
             raise  # in a stream the status only reaches the client with a raise
@@ -245,6 +255,29 @@ class Router:
     async def chat_completions(self, body: ChatCompletionBody, request: Request):
         return await self._openai(body, request, chat=True)
 
+    @http_app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(self, body: LoraAdapterBody, request: Request):
+        """vLLM's adapter admin route (admin keys only); the path must be the adapter's folder in the store."""
+        try:
+            require_admin(self._authenticate(request.headers.get("authorization")), "load_lora_adapter")
+            validate_adapter_id(body.lora_name)
+            if not body.lora_path:
+                raise InvalidRequest("lora_path is required")
+            await self._to(body.lora_name).load_lora_adapter.remote(body.lora_name, body.lora_path)
+        except Exception as exc:
+            return openai_error(replica_cause(exc))
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @http_app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(self, body: LoraAdapterBody, request: Request):
+        try:
+            require_admin(self._authenticate(request.headers.get("authorization")), "unload_lora_adapter")
+            validate_adapter_id(body.lora_name)
+            await self._to(body.lora_name).unload_adapter.remote(body.lora_name)
+        except Exception as exc:
+            return openai_error(replica_cause(exc))
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
     @http_app.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok"}
@@ -268,13 +301,16 @@ class Router:
             call = body.call(request.headers.get("x-request-id"))
             adapter_id = adapter_from_model(body.model)
             gate.enter_context(self._admitted(key, adapter_id, call))
+            logprobs = call["params"].get("logprobs") is not None
             if not body.stream:
                 with gate:
                     result = await self._generate(adapter_id, call)
-                return JSONResponse(openai_response(result, chat), headers={"x-request-id": call["request_id"]})
+                return JSONResponse(openai_response(result, chat, logprobs),
+                                    headers={"x-request-id": call["request_id"]})
             chunks = self._generate_stream(adapter_id, call)
             first = await chunks.__anext__()  # errors before any output still get a proper status
-            return StreamingResponse(held(gate, sse(first, chunks, chat)), media_type="text/event-stream",
+            events = sse(first, chunks, chat, logprobs, body.include_usage)
+            return StreamingResponse(held(gate, events), media_type="text/event-stream",
                                      headers={"x-request-id": call["request_id"]})
         except Exception as exc:
             gate.close()

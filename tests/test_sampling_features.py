@@ -8,7 +8,6 @@ detokenizer (multi-byte characters, stop strings across tokens).
 from __future__ import annotations
 
 import json
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
@@ -24,10 +23,16 @@ from loraplex.training.random_adapter import make_random_adapter
 
 ADAPTERS = [f"rand-{i}" for i in range(8)]
 PROMPT = "Write a sentence about the red cat:\n"
-SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
-          "properties": {"name": {"type": "string", "maxLength": 12},
-                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
-                         "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3}}}
+SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "age", "tags"],
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+    },
+}
 JSON_SCHEMA = json.dumps({"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}})
 
 
@@ -41,8 +46,9 @@ def store(embedded_base, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(embedded_base, store):
-    eng = TorchEngine(EngineConfig(base_model=str(embedded_base), adapters=str(store), max_batch=16,
-                                   max_loras=8, device="cpu"))
+    eng = TorchEngine(
+        EngineConfig(base_model=str(embedded_base), adapters=str(store), max_batch=16, max_loras=8, device="cpu")
+    )
     yield eng
     eng.shutdown()
 
@@ -110,6 +116,7 @@ def test_prompt_logprobs_equal_a_transformers_forward(engine, embedded_base, sto
 
 def test_json_schema_holds_for_every_row_of_a_mixed_adapter_batch(engine):
     """100 requests over 8 adapters, sampled at temperature 1, decoded together: all parse and validate."""
+
     def one(i):
         params = SamplingParams(max_tokens=80, temperature=1.0, seed=i, response_format=JSON_SCHEMA)
         return engine.submit(f"Person {i} as JSON:\n", ADAPTERS[i % 8], params).result(300)
@@ -124,18 +131,23 @@ def test_json_schema_holds_for_every_row_of_a_mixed_adapter_batch(engine):
     assert valid == 100
 
 
-@pytest.mark.parametrize("fields, reason", [
-    ({"response_format": json.dumps({"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}})},
-     "response_format"),
-    ({"response_format": json.dumps({"type": "xml"})}, "response_format.type"),
-    ({"logit_bias": ((10**9, 1.0),)}, "logit_bias"),
-    ({"stop_token_ids": (-1,)}, "stop_token_ids"),
-    ({"logprobs": 21}, "logprobs"),
-    ({"presence_penalty": 3.0}, "presence_penalty"),
-    ({"min_tokens": 50}, "min_tokens"),
-    ({"stop": ("a", "b", "c", "d", "e")}, "stop"),
-    ({"max_tokens": 0}, "max_tokens"),
-])
+@pytest.mark.parametrize(
+    "fields, reason",
+    [
+        (
+            {"response_format": json.dumps({"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}})},
+            "response_format",
+        ),
+        ({"response_format": json.dumps({"type": "xml"})}, "response_format.type"),
+        ({"logit_bias": ((10**9, 1.0),)}, "logit_bias"),
+        ({"stop_token_ids": (-1,)}, "stop_token_ids"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"presence_penalty": 3.0}, "presence_penalty"),
+        ({"min_tokens": 50}, "min_tokens"),
+        ({"stop": ("a", "b", "c", "d", "e")}, "stop"),
+        ({"max_tokens": 0}, "max_tokens"),
+    ],
+)
 def test_bad_fields_are_refused_by_name(engine, fields, reason):
     with pytest.raises(InvalidRequest, match=reason):
         engine.submit(PROMPT, "", SamplingParams(**{"max_tokens": 12, **fields}))

@@ -24,37 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraplex/v1/loraplex.proto\x12\x0bloraplex.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x99\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12*\n\x08messages\x18\x08 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xbe\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x12\n\nadapter_id\x18\x06 \x01(\t\x12\x12\n\nreplica_id\x18\x07 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x08 \x01(\t\"e\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x10\n\x08resident\x18\x02 \x01(\x08\x12\x0e\n\x06pinned\x18\x03 \x01(\x08\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x12\n\nprovenance\x18\x05 \x01(\t\"\x15\n\x13ListAdaptersRequest\"p\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x03 \x01(\t\"(\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"@\n\x13LoadAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"-\n\x15UnloadAdapterResponse\x12\x14\n\x0cwas_resident\x18\x01 \x01(\x08\"7\n\x11PinAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06pinned\x18\x02 \x01(\x08\"?\n\x12PinAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo2\xf9\x03\n\x0fLoraplexService\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse0\x01\x12S\n\x0cListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12P\n\x0bLoadAdapter\x12\x1f.loraplex.v1.LoadAdapterRequest\x1a .loraplex.v1.LoadAdapterResponse\x12V\n\rUnloadAdapter\x12!.loraplex.v1.UnloadAdapterRequest\x1a\".loraplex.v1.UnloadAdapterResponse\x12M\n\nPinAdapter\x12\x1e.loraplex.v1.PinAdapterRequest\x1a\x1f.loraplex.v1.PinAdapterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraplex/v1/loraplex.proto\x12\x0bloraplex.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb0\x05\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12*\n\x08messages\x18\x08 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\t\n\x01n\x18\x0b \x01(\x05\x12\x0c\n\x04\x65\x63ho\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\x05H\x04\x88\x01\x01\x12\x17\n\x0fresponse_format\x18\x0e \x01(\t\x12\x1d\n\x10presence_penalty\x18\x0f \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x10 \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x11 \x01(\x02H\x07\x88\x01\x01\x12?\n\nlogit_bias\x18\x12 \x03(\x0b\x32+.loraplex.v1.GenerateRequest.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x13 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x14 \x03(\x05\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"w\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.loraplex.v1.TopLogprobB\n\n\x08_logprob\"\xde\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x12\n\nadapter_id\x18\x06 \x01(\t\x12\x12\n\nreplica_id\x18\x07 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x08 \x01(\t\x12\r\n\x05index\x18\t \x01(\x05\x12+\n\x08logprobs\x18\n \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\x12\x32\n\x0fprompt_logprobs\x18\x0b \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\x12.\n\x07\x63hoices\x18\x0c \x03(\x0b\x32\x1d.loraplex.v1.GenerateResponse\"e\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x10\n\x08resident\x18\x02 \x01(\x08\x12\x0e\n\x06pinned\x18\x03 \x01(\x08\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x12\n\nprovenance\x18\x05 \x01(\t\"\x15\n\x13ListAdaptersRequest\"p\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x03 \x01(\t\"(\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"@\n\x13LoadAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"-\n\x15UnloadAdapterResponse\x12\x14\n\x0cwas_resident\x18\x01 \x01(\x08\"7\n\x11PinAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06pinned\x18\x02 \x01(\x08\"?\n\x12PinAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo2\xf9\x03\n\x0fLoraplexService\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse0\x01\x12S\n\x0cListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12P\n\x0bLoadAdapter\x12\x1f.loraplex.v1.LoadAdapterRequest\x1a .loraplex.v1.LoadAdapterResponse\x12V\n\rUnloadAdapter\x12!.loraplex.v1.UnloadAdapterRequest\x1a\".loraplex.v1.UnloadAdapterResponse\x12M\n\nPinAdapter\x12\x1e.loraplex.v1.PinAdapterRequest\x1a\x1f.loraplex.v1.PinAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.v1.loraplex_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_CHATMESSAGE']._serialized_start=43
   _globals['_CHATMESSAGE']._serialized_end=87
   _globals['_GENERATEREQUEST']._serialized_start=90
-  _globals['_GENERATEREQUEST']._serialized_end=371
-  _globals['_GENERATERESPONSE']._serialized_start=374
-  _globals['_GENERATERESPONSE']._serialized_end=564
-  _globals['_ADAPTERINFO']._serialized_start=566
-  _globals['_ADAPTERINFO']._serialized_end=667
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=669
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=690
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=692
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=804
-  _globals['_LOADADAPTERREQUEST']._serialized_start=806
-  _globals['_LOADADAPTERREQUEST']._serialized_end=846
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=848
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=912
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=914
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=956
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=958
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1003
-  _globals['_PINADAPTERREQUEST']._serialized_start=1005
-  _globals['_PINADAPTERREQUEST']._serialized_end=1060
-  _globals['_PINADAPTERRESPONSE']._serialized_start=1062
-  _globals['_PINADAPTERRESPONSE']._serialized_end=1125
-  _globals['_LORAPLEXSERVICE']._serialized_start=1128
-  _globals['_LORAPLEXSERVICE']._serialized_end=1633
+  _globals['_GENERATEREQUEST']._serialized_end=778
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=606
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=654
+  _globals['_TOPLOGPROB']._serialized_start=780
+  _globals['_TOPLOGPROB']._serialized_end=842
+  _globals['_TOKENLOGPROB']._serialized_start=844
+  _globals['_TOKENLOGPROB']._serialized_end=963
+  _globals['_GENERATERESPONSE']._serialized_start=966
+  _globals['_GENERATERESPONSE']._serialized_end=1316
+  _globals['_ADAPTERINFO']._serialized_start=1318
+  _globals['_ADAPTERINFO']._serialized_end=1419
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1421
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1442
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1444
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1556
+  _globals['_LOADADAPTERREQUEST']._serialized_start=1558
+  _globals['_LOADADAPTERREQUEST']._serialized_end=1598
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=1600
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=1664
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1666
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1708
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1710
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1755
+  _globals['_PINADAPTERREQUEST']._serialized_start=1757
+  _globals['_PINADAPTERREQUEST']._serialized_end=1812
+  _globals['_PINADAPTERRESPONSE']._serialized_start=1814
+  _globals['_PINADAPTERRESPONSE']._serialized_end=1877
+  _globals['_LORAPLEXSERVICE']._serialized_start=1880
+  _globals['_LORAPLEXSERVICE']._serialized_end=2385
 # @@protoc_insertion_point(module_scope)

@@ -17,11 +17,16 @@ import torch
 import torch.nn.functional as F
 
 from loraplex.serving.engine.api import (
-    EngineConfig, RequestBook, RequestStream, StreamEvent, TrackedRequest, encode_prompt_text, require_base_dir,
+    EngineConfig,
+    RequestBook,
+    RequestStream,
+    TrackedRequest,
+    encode_prompt_text,
+    require_base_dir,
 )
 from loraplex.serving.engine.detokenize import StopDetokenizer
 from loraplex.serving.engine.logits import LogitsProcessor
-from loraplex.serving.engine.logprobs import TokenLogprob, prompt_logprobs, token_logprob
+from loraplex.serving.engine.logprobs import TokenEvent, TokenLogprob, prompt_logprobs, token_logprob
 from loraplex.serving.engine.lora_batch import LoraSlots
 from loraplex.serving.engine.runner import KVCacheRunner
 from loraplex.serving.engine.sampling import SamplingParams, sample_next
@@ -30,14 +35,6 @@ from loraplex.serving.errors import DeadlineExceeded, InvalidRequest, NoFreeSlot
 from loraplex.training.errors import LoraplexError
 
 logger = logging.getLogger("loraplex.engine")
-
-
-@dataclass
-class TokenEvent(StreamEvent):
-    """A StreamEvent with the logprobs of the tokens behind its text (and, once, of the prompt)."""
-
-    logprobs: list[TokenLogprob] | None = None
-    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(eq=False)
@@ -108,8 +105,13 @@ class TorchEngine:
         # +1 slot: room for a hot swap while the old version finishes its requests
         self.slots = LoraSlots(model, config.max_loras + 1, config.max_lora_rank, config.max_batch)
         self.runner = KVCacheRunner(model, self.slots, config.max_batch, self.max_seq)
-        self.store = AdapterStore(config.adapters or base_dir / "_no_adapters", self.slots,
-                                  self.base_fingerprint, config.max_lora_rank, metrics=self.metrics)
+        self.store = AdapterStore(
+            config.adapters or base_dir / "_no_adapters",
+            self.slots,
+            self.base_fingerprint,
+            config.max_lora_rank,
+            metrics=self.metrics,
+        )
         self.eos_ids = {self.tokenizer.eos_token_id, model.config.eos_token_id} - {None}
         self.vocab_size = model.config.vocab_size
         self._grammars = None  # GrammarCompiler, made on the first response_format request
@@ -126,8 +128,14 @@ class TorchEngine:
 
     # -- the caller's side ---------------------------------------------------------------------
 
-    def submit(self, prompt: str | list[int], adapter_id: str = "", params: SamplingParams | None = None,
-               request_id: str | None = None, timeout: float | None = None) -> RequestStream:
+    def submit(
+        self,
+        prompt: str | list[int],
+        adapter_id: str = "",
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> RequestStream:
         """Queue a request; errors in the request itself raise here, before anything runs."""
         capacity = self.config.max_queue + len(self._running)
         params = params or SamplingParams()
@@ -168,9 +176,14 @@ class TorchEngine:
 
     def stats(self) -> dict:
         with self._cond:
-            return {"waiting": len(self._waiting), "running": len(self._running),
-                    "free_rows": len(self._free_rows), "steps": self.steps, "cancelled": self.cancelled,
-                    "max_cancel_lag_steps": self.max_cancel_lag_steps}
+            return {
+                "waiting": len(self._waiting),
+                "running": len(self._running),
+                "free_rows": len(self._free_rows),
+                "steps": self.steps,
+                "cancelled": self.cancelled,
+                "max_cancel_lag_steps": self.max_cancel_lag_steps,
+            }
 
     def shutdown(self, drain: bool = True, timeout: float = 60.0) -> None:
         """Stop taking requests; with drain, let the ones in flight finish first."""
@@ -214,7 +227,9 @@ class TorchEngine:
             if request.cancelled:
                 self._finish(request, "cancelled")
             elif request.deadline is not None and now > request.deadline:
-                self._finish(request, "deadline", DeadlineExceeded(f"request {request.request_id} ran past its deadline"))
+                self._finish(
+                    request, "deadline", DeadlineExceeded(f"request {request.request_id} ran past its deadline")
+                )
 
     def _admit(self) -> None:
         admitted = []
@@ -276,8 +291,9 @@ class TorchEngine:
         requests = list(self._running)
         ids = torch.tensor([[r.generated[-1]] for r in requests])
         positions = torch.tensor([[r.length] for r in requests])
-        logits = self._forward(requests, ids, positions, torch.zeros(len(requests), dtype=torch.long),
-                               pad=self.fixed_shapes)
+        logits = self._forward(
+            requests, ids, positions, torch.zeros(len(requests), dtype=torch.long), pad=self.fixed_shapes
+        )
         for request in requests:
             request.length += 1
         self.steps += 1

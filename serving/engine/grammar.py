@@ -51,8 +51,9 @@ class GrammarCompiler:
         except ImportError:
             raise InvalidRequest("response_format needs xgrammar: pip install loraplex[serve]") from None
         self._xgr = xgr
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
-                                                  stop_token_ids=sorted(stop_token_ids))
+        info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids)
+        )
         self.vocab_size = vocab_size
         self._compiler = xgr.GrammarCompiler(info, cache_enabled=True)
         self._lock = threading.Lock()  # callers' threads compile; xgrammar's cache is shared

@@ -17,8 +17,14 @@ from loraplex.serving.engine.sampling import SamplingParams
 class LogitsProcessor:
     """One request's processing state (see module docstring)."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int,
-                 eos_ids: set[int], grammar: RowGrammar | None = None) -> None:
+    def __init__(
+        self,
+        params: SamplingParams,
+        prompt_ids: list[int],
+        vocab_size: int,
+        eos_ids: set[int],
+        grammar: RowGrammar | None = None,
+    ) -> None:
         self.params, self.grammar = params, grammar
         self.counts = torch.zeros(vocab_size)  # occurrences in the output so far
         self.seen = torch.zeros(vocab_size, dtype=torch.bool)  # in prompt or output (repetition penalty)

@@ -11,12 +11,22 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loraplex.serving.engine.api import StreamEvent
+
 
 @dataclass
 class TokenLogprob:
     token_id: int
     logprob: float | None  # None: the first prompt token, which nothing predicts
     top: list[tuple[int, float]] = field(default_factory=list)  # best alternatives, most likely first
+
+
+@dataclass
+class TokenEvent(StreamEvent):
+    """A StreamEvent with the logprobs of the tokens behind its text (and, once, of the prompt's)."""
+
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
@@ -55,7 +65,12 @@ def as_dicts(entries: list[TokenLogprob], tokenizer) -> list[dict]:
 
     def one(token_id: int, logprob: float | None) -> dict:
         text = token_text(tokenizer, token_id)
-        return {"token": text, "token_id": token_id, "logprob": logprob, "bytes": list(text.encode("utf-8")),
-                "special": token_id in special}  # special: not part of the text (text_offset skips it)
+        return {
+            "token": text,
+            "token_id": token_id,
+            "logprob": logprob,
+            "bytes": list(text.encode("utf-8")),
+            "special": token_id in special,
+        }  # special: not part of the text (text_offset skips it)
 
     return [{**one(e.token_id, e.logprob), "top": [one(t, v) for t, v in e.top]} for e in entries]

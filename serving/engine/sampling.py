@@ -43,8 +43,10 @@ class SamplingParams:
     def validate(self, max_new_tokens: int) -> None:
         min_new = 0 if self.prompt_logprobs is not None else 1
         if not isinstance(self.max_tokens, int) or self.max_tokens < min_new:
-            raise InvalidRequest(f"max_tokens must be a positive integer, got {self.max_tokens}"
-                                 + ("" if min_new else " (0 only with prompt logprobs: echo)"))
+            raise InvalidRequest(
+                f"max_tokens must be a positive integer, got {self.max_tokens}"
+                + ("" if min_new else " (0 only with prompt logprobs: echo)")
+            )
         if self.max_tokens > max_new_tokens:
             raise InvalidRequest(f"max_tokens {self.max_tokens} is above this server's limit of {max_new_tokens}")
         if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= MAX_TEMPERATURE):  # NaN too
@@ -85,8 +87,10 @@ class SamplingParams:
             except ValueError:
                 raise InvalidRequest("response_format must be JSON text") from None
             if self.ignore_eos or self.min_tokens:
-                raise InvalidRequest("response_format ends the output when the JSON value is complete: "
-                                     "it cannot be combined with ignore_eos or min_tokens")
+                raise InvalidRequest(
+                    "response_format ends the output when the JSON value is complete: "
+                    "it cannot be combined with ignore_eos or min_tokens"
+                )
 
     def check_token_ids(self, vocab_size: int) -> None:
         """Token IDs in logit_bias and stop_token_ids must exist in the model's vocabulary."""
@@ -98,14 +102,29 @@ class SamplingParams:
     @property
     def needs_processing(self) -> bool:
         """Whether logits.py has work to do for this request (most requests skip it)."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
-                    or self.logit_bias or self.min_tokens or self.response_format)
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1
+            or self.logit_bias
+            or self.min_tokens
+            or self.response_format
+        )
 
     def extended_fields(self) -> list[str]:
         """The fields set here beyond the basic ones (an engine that lacks them refuses by name)."""
         defaults = SamplingParams()
-        names = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens",
-                 "stop_token_ids", "logprobs", "prompt_logprobs", "response_format")
+        names = (
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+            "logit_bias",
+            "min_tokens",
+            "stop_token_ids",
+            "logprobs",
+            "prompt_logprobs",
+            "response_format",
+        )
         return [n for n in names if getattr(self, n) != getattr(defaults, n)]
 
     @property
