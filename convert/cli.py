@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.errors import ConfigError, LoraplexError
+from loraplex.training.architectures import read_model_config, require_convert_architecture
+from loraplex.training.errors import ConfigError, LoraplexError
 
 GGUF_QUANTS = ("F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")
 # Top-1 agreement over every position (prompt tokens too, where even the FP16 model is unsure):
@@ -94,10 +95,12 @@ def _stage(name: str):
 
 
 def merge_export(cfg: MergeExportConfig) -> int:
-    from convert import pipeline
+    from loraplex.convert import pipeline
 
     base = _existing_dir(cfg.base, "base model")
     adapter = _existing_dir(cfg.adapter, "adapter") if cfg.adapter else None
+    if cfg.format == "gguf":  # refuse before the merge, not after it
+        require_convert_architecture(read_model_config(base))
     out = Path(cfg.out)
     with tempfile.TemporaryDirectory(prefix="loraplex-merge-") as scratch:
         merged_dir = Path(cfg.work_dir) if cfg.work_dir else (out if cfg.format == "hf" else Path(scratch) / "merged")
@@ -122,10 +125,11 @@ def merge_export(cfg: MergeExportConfig) -> int:
 
 
 def adapter_export(cfg: AdapterExportConfig) -> int:
-    from convert import pipeline
+    from loraplex.convert import pipeline
 
     base = _existing_dir(cfg.base, "base model")
     adapter = _existing_dir(cfg.adapter, "adapter")
+    require_convert_architecture(read_model_config(base))
     out = Path(cfg.out)
     done = _stage("gguf-lora")
     pipeline.export_gguf_lora(base, adapter, out, cfg.force)

@@ -22,8 +22,11 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from convert.llamacpp_check import require_llama_cpp
-from training.errors import ConfigError, LoraplexError
+from loraplex.convert.llamacpp_check import require_llama_cpp
+from loraplex.training.architectures import (
+    SUPPORTED_ARCHITECTURES, UnsupportedArchitecture, require_convert_architecture,
+)
+from loraplex.training.errors import ConfigError, LoraplexError
 
 Progress = Callable[[str], None]
 
@@ -41,11 +44,13 @@ class ArchSpec:
     the two halves of each head: Q/K rows must be reordered. 'qwen2' runs NEOX RoPE, as HF does."""
 
 
+# The GGUF layout of every name in training/architectures.SUPPORTED_ARCHITECTURES, no more, no less.
 ARCHITECTURES = {
     "LlamaForCausalLM": ArchSpec("llama", permute_qk=True),
     "MistralForCausalLM": ArchSpec("llama", permute_qk=True),  # llama.cpp runs Mistral as 'llama'
     "Qwen2ForCausalLM": ArchSpec("qwen2", permute_qk=False),
 }
+assert set(ARCHITECTURES) == set(SUPPORTED_ARCHITECTURES), "add the GGUF layout of every supported architecture"
 
 # Written by gguf-py in this process: outtype -> (tensor type of 2-D weights, general.file_type).
 GGUF_PY_TYPES = {
@@ -110,10 +115,10 @@ def gguf_tensor_name(hf_name: str) -> str | None:
 
 def arch_spec(config: dict) -> ArchSpec:
     """The ArchSpec for a config.json, or UnsupportedModel naming the ones we can export."""
-    arch = (config.get("architectures") or ["<none>"])[0]
-    if arch not in ARCHITECTURES:
-        raise UnsupportedModel(f"architecture {arch} is not supported; supported: {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[arch]
+    try:
+        return ARCHITECTURES[require_convert_architecture(config)]
+    except UnsupportedArchitecture as exc:
+        raise UnsupportedModel(str(exc)) from None
 
 
 def permute_for_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -160,10 +165,13 @@ def write_gguf(model_dir: Path, out_path: Path, outtype: str = "F16", progress: 
             quantize_with_llama_cpp(f16_path, out_path, outtype)
         finally:
             f16_path.unlink(missing_ok=True)
+        progress(tensor_type_report(out_path, outtype)["summary"])
         return out_path
 
     config = read_config(model_dir)
     arch = arch_spec(config)
+    if (note := sliding_window_note(config)) is not None:
+        progress(f"warning: {note}")
     weight_type, file_type = GGUF_PY_TYPES[outtype]
     writer = gguf.GGUFWriter(path=None, arch=arch.gguf_arch)
     writer.add_name(model_dir.name)
@@ -186,6 +194,62 @@ def write_gguf(model_dir: Path, out_path: Path, outtype: str = "F16", progress: 
     writer.close()
     progress(f"wrote {out_path} ({out_path.stat().st_size / 2**20:.1f} MiB, {outtype})")
     return out_path
+
+
+def sliding_window_note(config: dict) -> str | None:
+    """llama.cpp's 'llama' and 'qwen2' graphs attend over the whole context: say where outputs part."""
+    window = config.get("sliding_window")
+    sliding = config.get("use_sliding_window", True) and window and window < config["max_position_embeddings"]
+    if not sliding:
+        return None
+    return (f"sliding_window {window}: llama.cpp attends over the full context, so its outputs match "
+            f"Hugging Face's only while prompt + output stay within {window} tokens")
+
+
+def _expected_types(outtype: str) -> set[str]:
+    """Tensor types a 2-D weight may have when nothing fell back (llama.cpp's mixes included)."""
+    if outtype in LLAMA_CPP_TYPES:
+        return {t.name for t in gguf.GGMLQuantizationType if t.name.endswith("_K")}
+    return {GGUF_PY_TYPES[outtype][0].name} | ({"Q8_0"} if outtype == "Q4_0" else set())  # Q4_0 keeps output at Q8_0
+
+
+def _row_block(outtype: str) -> int:
+    """Row multiple the requested type needs: 256 for k-quants (QK_K), the block size otherwise."""
+    if outtype in LLAMA_CPP_TYPES:
+        return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q4_K][0]
+    return gguf.GGML_QUANT_SIZES[GGUF_PY_TYPES[outtype][0]][0]
+
+
+def tensor_type_report(path: Path, outtype: str) -> dict:
+    """What the GGUF really holds, read back with gguf-py: type counts and the weights that fell back.
+
+    llama.cpp's quantizer (and ours for Q8_0/Q4_0) silently writes another type for a weight
+    whose rows do not split into whole blocks, e.g. q5_0 for Q4_K when a row of 576 is not a
+    multiple of 256. Small models are mostly such rows, so say which and how many."""
+    outtype = outtype.upper()
+    reader = gguf.GGUFReader(str(path))
+    expected, block = _expected_types(outtype), _row_block(outtype)
+    counts: dict[str, int] = {}
+    fallbacks, weights = [], 0
+    for tensor in reader.tensors:
+        kind = tensor.tensor_type.name
+        counts[kind] = counts.get(kind, 0) + 1
+        if len(tensor.shape) < 2:  # norms, biases, rope_freqs: F32 by design
+            continue
+        weights += 1
+        if kind not in expected:
+            row = int(tensor.shape[0])
+            fallbacks.append({"tensor": tensor.name, "shape": [int(d) for d in tensor.shape], "type": kind,
+                              "reason": f"row of {row} not a multiple of {block}" if row % block else "quantizer's choice"})
+    by_type: dict[str, int] = {}
+    for item in fallbacks:
+        by_type[item["type"]] = by_type.get(item["type"], 0) + 1
+    summary = (f"{outtype}: all {weights} weight tensors in the requested type family" if not fallbacks else
+               f"{outtype}: {len(fallbacks)} of {weights} weight tensors fell back ("
+               + ", ".join(f"{n} to {kind}" for kind, n in sorted(by_type.items()))
+               + f"); their rows are not multiples of {block}")
+    return {"requested": outtype, "weight_tensors": weights, "tensor_types": counts,
+            "fallbacks": fallbacks, "fallback_types": by_type, "summary": summary}
 
 
 def _add_hparams(writer: gguf.GGUFWriter, config: dict) -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from convert.verify import GGUFModel, HFModel, compare, eval_sequences, mean_completion_loss, write_report
-from training.errors import DataError
+from loraplex.convert.verify import (
+    GGUFModel, HFModel, compare, eval_sequences, excess_over_base, excess_passes, excess_rule,
+    mean_completion_loss, write_report,
+)
+from loraplex.training.errors import DataError
 
 
 def merge_to_hf(base: Path, adapter: Path | None, out_dir: Path, dtype: str, merge_into: str,
@@ -15,8 +19,8 @@ def merge_to_hf(base: Path, adapter: Path | None, out_dir: Path, dtype: str, mer
     """The merged (or plain) dense model as a HF folder: the input of every exporter."""
     from transformers import AutoTokenizer
 
-    from convert.merge import DTYPES, check_adapter_matches_base, load_merge_base, merge_adapter, save_hf
-    from training.manifest import base_fingerprint
+    from loraplex.convert.merge import DTYPES, check_adapter_matches_base, load_merge_base, merge_adapter, save_hf
+    from loraplex.training.manifest import base_fingerprint
 
     fingerprint = base_fingerprint(base)
     provenance = {"base": str(base), "base_fingerprint": fingerprint, "dtype": dtype,
@@ -30,26 +34,38 @@ def merge_to_hf(base: Path, adapter: Path | None, out_dir: Path, dtype: str, mer
 
 
 def export_gguf(merged_dir: Path, out: Path, quant: str) -> Path:
-    from convert.gguf_export import write_gguf
+    """The GGUF, and beside it <out>.export.json: provenance and the tensor types it really holds."""
+    from loraplex.convert.gguf_export import read_config, sliding_window_note, tensor_type_report, write_gguf
 
-    return write_gguf(merged_dir, out, quant)
+    write_gguf(merged_dir, out, quant)
+    provenance_file = merged_dir / "loraplex_export.json"
+    record = {"artifact": str(out), "format": "gguf", "quant": quant.upper(),
+              "provenance": json.loads(provenance_file.read_text()) if provenance_file.is_file() else None,
+              "tensors": tensor_type_report(out, quant),
+              "warnings": [note] if (note := sliding_window_note(read_config(merged_dir))) else []}
+    export_record_path(out).write_text(json.dumps(record, indent=2) + "\n")
+    return out
+
+
+def export_record_path(out: Path) -> Path:
+    return out.with_suffix(".export.json")
 
 
 def export_gguf_lora(base: Path, adapter: Path, out: Path, force: bool = False) -> Path:
-    from convert.gguf_lora import write_gguf_lora
-    from convert.merge import check_adapter_matches_base
+    from loraplex.convert.gguf_lora import write_gguf_lora
+    from loraplex.convert.merge import check_adapter_matches_base
 
     check_adapter_matches_base(base, adapter, force)
     return write_gguf_lora(base, adapter, out)
 
 
 def export_awq(merged_dir: Path, out: Path, calib_data: str, calib_rows: int, bits: int, group_size: int) -> Path:
-    from convert.awq_export import export_awq as run_awq
-    from training.data import load_jsonl
+    from loraplex.convert.awq_export import export_awq as run_awq
+    from loraplex.training.data import load_jsonl
 
     from transformers import AutoTokenizer
 
-    from training.data import prompt_and_completion
+    from loraplex.training.data import prompt_and_completion
 
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
     rows = load_jsonl(calib_data)[:calib_rows]
@@ -73,14 +89,14 @@ def _candidate(fmt: str, out: Path):
     if fmt == "awq":
         from transformers import AutoTokenizer
 
-        from convert.awq_export import load_awq_for_check
+        from loraplex.convert.awq_export import load_awq_for_check
 
         return HFModel(f"awq {out.name}", load_awq_for_check(out), AutoTokenizer.from_pretrained(str(out)))
     raise DataError(f"unknown format {fmt!r}")
 
 
 def _sequences(cfg, tokenizer):
-    from training.data import load_jsonl
+    from loraplex.training.data import load_jsonl
 
     rows = load_jsonl(cfg.eval_data)[: cfg.verify_rows] if cfg.eval_data else None
     return eval_sequences(tokenizer, rows)
@@ -96,8 +112,42 @@ def verify_export(cfg, base: Path, adapter: Path | None, merged_dir: Path, out: 
     if adapter is not None and cfg.eval_data:
         report["merge_targets"] = compare_merge_targets(base, adapter, reference, cfg, sequences, scratch)
         report["adapter_on_bf16_base_exact_match"] = adapter_exact_match(base, adapter, sequences)
-    report["passed"] = all(c.top1_agreement >= cfg.agreement_floor() for c in comparisons)
+    if cfg.format == "gguf":
+        _judge_gguf_on_excess(report, cfg, base, adapter, comparisons[0], sequences, out, scratch)
+    else:
+        report["passed"] = all(c.top1_agreement >= cfg.agreement_floor() for c in comparisons)
     return _publish(report, out if out.suffix else out / "export")
+
+
+def _judge_gguf_on_excess(report: dict, cfg, base: Path, adapter: Path | None, export, sequences, out: Path,
+                          scratch: Path) -> None:
+    """Pass/fail on the export's damage beyond the base's own under the same quantization.
+
+    The absolute agreement floor becomes a warning, unless the user set --min-agreement."""
+    record = export_record_path(out)
+    if record.is_file():
+        exported = json.loads(record.read_text())
+        report["quantization"], report["warnings"] = exported["tensors"], list(exported["warnings"])
+    if adapter is None:  # the export is the base quantized: it is its own baseline
+        baseline = export
+    else:
+        base_dir = merge_to_hf(base, None, scratch / "base-dense", cfg.dtype, cfg.merge_into)
+        base_gguf = export_gguf(base_dir, scratch / "base-only.gguf", cfg.quant)
+        baseline = compare(_hf_reference("base fp16", base_dir), GGUFModel(base_gguf), sequences, exact_match=False)
+        baseline.model = f"base alone, {cfg.quant}"
+    report["base_quantization"] = baseline
+    report["excess"] = excess_over_base(export, baseline)
+    report["rule"] = excess_rule(cfg.quant)
+    passed = excess_passes(export, baseline)
+    floor = cfg.agreement_floor()
+    if export.top1_agreement < floor:
+        note = (f"top-1 agreement {export.top1_agreement:.2%} is below the {cfg.quant} floor {floor:.2%} "
+                f"(the base alone under {cfg.quant}: {baseline.top1_agreement:.2%})")
+        if cfg.min_agreement is not None:  # asked for explicitly: binding
+            passed = False
+            report["rule"] += f"; and top-1 agreement >= --min-agreement {floor}"
+        report.setdefault("warnings", []).append(note)
+    report["passed"] = passed
 
 
 def _publish(report: dict, out_base: Path) -> bool:
@@ -121,8 +171,8 @@ def adapter_exact_match(base: Path, adapter: Path, sequences) -> float:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from convert.verify import exact_match_rate
-    from training.quant import load_dense_base
+    from loraplex.convert.verify import exact_match_rate
+    from loraplex.training.quant import load_dense_base
 
     model = PeftModel.from_pretrained(load_dense_base(base, torch.bfloat16, "cpu"), str(adapter))
     runner = HFModel("adapter on bf16 base", model, AutoTokenizer.from_pretrained(str(base)))

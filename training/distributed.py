@@ -8,6 +8,8 @@ process group, wraps the model in DDP and shards the data. Rank 0 writes the ada
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -15,11 +17,29 @@ from pathlib import Path
 import torch
 
 from loraplex.training.config import TrainConfig
+from loraplex.training.errors import ConfigError
 from loraplex.training.manifest import read_manifest
+
+# What `pip install 'ray[train]'` adds over the ray that serving installs (import names).
+RAY_TRAIN_DEPENDENCIES = ("ray", "pandas", "pyarrow", "fsspec", "tensorboardX", "requests", "pydantic")
+
+
+def require_ray_train(workers: int) -> None:
+    """One line naming the fix, instead of Ray's traceback about pandas from deep inside Ray Train."""
+    missing = [name for name in RAY_TRAIN_DEPENDENCIES if importlib.util.find_spec(name) is None]
+    if not missing:
+        try:
+            importlib.import_module("ray.train.torch")
+        except ImportError as exc:  # a dependency of a dependency, or a broken install
+            missing.append(exc.name or str(exc).splitlines()[0])
+    if missing:
+        raise ConfigError(f"--workers {workers} needs Ray Train, which is missing {', '.join(missing)}: "
+                          f"pip install 'loraplex[distributed]'")
 
 
 def train_data_parallel(cfg: TrainConfig, run_recipe: Callable[[TrainConfig], dict]) -> dict:
     """Run `run_recipe` (run.py's train, passed in so this module never imports run.py) in N workers."""
+    require_ray_train(cfg.workers)
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

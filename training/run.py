@@ -113,15 +113,30 @@ def build_qlora_model(base_dir: Path, cfg: TrainConfig):
         raise ConfigError(f"LoRA target modules: {exc}") from None
 
 
+def selection_record(cfg: TrainConfig, trainer, examples: int, rows: int) -> dict:
+    """Which step the written adapter comes from, whether training stopped early, how data was packed."""
+    state = trainer.state
+    best = state.best_model_checkpoint
+    record = {"adapter_from": "best eval loss" if cfg.picks_best and best else "last step",
+              "stopped_early": bool(cfg.early_stopping_patience) and state.global_step < cfg.max_steps,
+              "log": "train_log.csv"}
+    if cfg.picks_best and best:
+        record.update(best_step=int(Path(best).name.split("-")[-1]), best_eval_loss=state.best_metric)
+    if cfg.packing:
+        record["packing"] = {"examples": examples, "rows": rows}
+    return record
+
+
 def train(cfg: TrainConfig, in_worker: bool = False) -> dict:
     """The whole recipe. With workers > 1 it runs in each Ray Train worker; rank 0 writes."""
     if cfg.workers > 1 and not in_worker:
         from loraplex.training.distributed import train_data_parallel
 
         return train_data_parallel(cfg, functools.partial(train, in_worker=True))
-    from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
+    from transformers import AutoTokenizer, EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
-    from loraplex.training.data import CompletionCollator, encode_example, load_jsonl
+    from loraplex.training.callbacks import CsvLogCallback
+    from loraplex.training.data import CompletionCollator, PackedCollator, encode_example, load_jsonl, pack_examples
     from loraplex.training.evaluate import exact_match
 
     started = time.time()
@@ -144,11 +159,16 @@ def train(cfg: TrainConfig, in_worker: bool = False) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
     train_set = [encode_example(tokenizer, row, cfg.max_seq_len) for row in train_rows]
     eval_set = [encode_example(tokenizer, row, cfg.max_seq_len) for row in eval_rows]
+    examples = len(train_set)
+    if cfg.packing:  # eval stays unpacked: its loss is comparable with unpacked runs
+        train_set = pack_examples(train_set, cfg.max_seq_len)
 
     model = build_qlora_model(base_dir, cfg)
+    model.config.use_cache = False  # a training forward needs no KV cache (and packing needs none)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"base {base_dir} ({fingerprint[:19]}...), adapter '{adapter_id}', "
-          f"{trainable:,} trainable parameters, {len(train_set)} train / {len(eval_set)} eval rows", flush=True)
+          f"{trainable:,} trainable parameters, {examples} train / {len(eval_set)} eval rows"
+          + (f", packed into {len(train_set)} rows of <= {cfg.max_seq_len} tokens" if cfg.packing else ""), flush=True)
 
     args = TrainingArguments(
         output_dir=str(output / "checkpoints"), max_steps=cfg.max_steps,
@@ -159,12 +179,17 @@ def train(cfg: TrainConfig, in_worker: bool = False) -> dict:
         **checkpointing_args(cfg.gradient_checkpointing),
         eval_strategy="steps" if eval_set else "no", eval_steps=cfg.eval_steps,
         save_strategy="steps", save_steps=cfg.eval_steps, save_total_limit=2,
-        logging_steps=10, seed=cfg.seed, report_to="none", remove_unused_columns=False,
+        load_best_model_at_end=cfg.picks_best, metric_for_best_model="eval_loss", greater_is_better=False,
+        logging_steps=max(1, min(10, cfg.max_steps // 20)), seed=cfg.seed, report_to="none", remove_unused_columns=False,
         dataloader_pin_memory=False, use_cpu=not torch.cuda.is_available(),
     )
+    callbacks = [CsvLogCallback(output)]
+    if cfg.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = Trainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
-        data_collator=CompletionCollator(tokenizer.pad_token_id),
+        data_collator=(PackedCollator if cfg.packing else CompletionCollator)(tokenizer.pad_token_id),
+        callbacks=callbacks,
     )
     eval_loss_before = trainer.evaluate()["eval_loss"] if eval_set and resume_from is None else None
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -175,6 +200,7 @@ def train(cfg: TrainConfig, in_worker: bool = False) -> dict:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]  # every rank: evaluate is collective
     if not trainer.is_world_process_zero():
         return {}
+    model.config.use_cache = True
 
     model.save_pretrained(str(output), safe_serialization=True)
     tokenizer.save_pretrained(str(output))
@@ -196,6 +222,7 @@ def train(cfg: TrainConfig, in_worker: bool = False) -> dict:
         | ({"eval": {"path": cfg.eval_data, "sha256": file_sha256(cfg.eval_data), "rows": len(eval_rows)}}
            if cfg.eval_data else {}),
         "steps": trainer.state.global_step,
+        "selection": selection_record(cfg, trainer, examples, len(train_set)),
         "trainable_parameters": trainable,
         "metrics": metrics,
         "wall_time_s": round(time.time() - started, 1),

@@ -91,9 +91,11 @@ class TorchEngine:
 
     def _load(self, device: str) -> None:
         from loraplex.training.architectures import require_torch_engine_architecture
+        from loraplex.training.architectures import require_torch_engine_architecture
         from loraplex.training.quant import load_dense_base, load_nf4_base
 
         config, base_dir = self.config, self.base_dir
+        require_torch_engine_architecture(base_dir)  # before loading: others would run, wrongly
         require_torch_engine_architecture(base_dir)  # before loading: others would run, wrongly
         if config.quantization == "nf4":
             model = load_nf4_base(base_dir, device)

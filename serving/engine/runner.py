@@ -1,5 +1,8 @@
 """The forward pass for serving: HF Llama-family weights, our own attention over a row-slot KV cache.
 
+Llama, Mistral and Qwen2 only (training/architectures.py): the runner refuses anything else
+rather than run attention laid out differently and return wrong logits.
+
 A running request owns one cache row for its whole life, so requests join and leave a batch
 between decode steps without moving anyone else's cache. Projections, MLPs, norms and rotary
 embeddings are the HF model's own modules (so NF4 layers and batched LoRA wrappers just work);
@@ -12,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serving.engine.lora_batch import LoraSlots
+from loraplex.serving.engine.lora_batch import LoraSlots
+from loraplex.training.architectures import require_torch_engine_architecture
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -20,11 +24,23 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def layer_windows(config) -> list[int | None]:
+    """Each layer's sliding window (None: full attention), as HF's Mistral and Qwen2 decide it."""
+    n_layers, window = config.num_hidden_layers, getattr(config, "sliding_window", None)
+    if not window:
+        return [None] * n_layers
+    types = getattr(config, "layer_types", None)  # Qwen2: only layers past max_window_layers slide
+    if types:
+        return [window if kind == "sliding_attention" else None for kind in types]
+    return [window] * n_layers
+
+
 class KVCacheRunner(nn.Module):
     """forward(ids, positions, rows) -> next-token logits, reading and writing cache rows."""
 
     def __init__(self, hf_model: nn.Module, lora: LoraSlots, max_rows: int, max_seq: int) -> None:
         super().__init__()
+        require_torch_engine_architecture(hf_model)
         config = hf_model.config
         self.lora = lora
         self.decoder = hf_model.model
@@ -33,6 +49,7 @@ class KVCacheRunner(nn.Module):
         self.n_kv_heads = getattr(config, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
         self.max_seq = max_seq
+        self.windows = layer_windows(config)
         dtype = self.decoder.embed_tokens.weight.dtype
         device = self.decoder.embed_tokens.weight.device
         shape = (len(self.decoder.layers), max_rows, max_seq, self.n_kv_heads, self.head_dim)
@@ -55,10 +72,15 @@ class KVCacheRunner(nn.Module):
         cos, sin = self.decoder.rotary_emb(hidden, positions)  # [b, t, head_dim]
         span = span or int(positions.max()) + 1
         key_pos = torch.arange(span, device=ids.device)
-        mask = key_pos.view(1, 1, 1, span) <= positions.view(ids.shape[0], 1, ids.shape[1], 1)  # [b,1,t,span]
+        query_pos = positions.view(ids.shape[0], 1, ids.shape[1], 1)
+        causal = key_pos.view(1, 1, 1, span) <= query_pos  # [b,1,t,span]
+        masks = {None: causal}  # per window size: sliding layers also drop keys `window` or more behind
+        for window in set(self.windows) - {None}:
+            masks[window] = causal & (key_pos.view(1, 1, 1, span) > query_pos - window)
         for index, layer in enumerate(self.decoder.layers):
             groups = self.lora.groups[index]
             attn_in = layer.input_layernorm(hidden)
+            mask = masks[self.windows[index]]
             hidden = hidden + self._attention(index, groups, attn_in, cos, sin, positions, rows, mask, span, start)
             gate, up = groups["mlp.gate_proj"](layer.post_attention_layernorm(hidden), start)
             (down,) = groups["mlp.down_proj"](layer.mlp.act_fn(gate) * up, start)
