@@ -209,6 +209,8 @@ def test_pinned_adapter_survives_lru_eviction(engine, adapter_source):
         # vLLM has no unpin_lora: the vllm engine unpins by removing and re-adding the same LoRA ID
         engine.store.pin("rand-0", pinned=False)
     assert "rand-0" not in engine.store.pinned
+    if not is_torch(engine):  # the no-unpin difference, by name: the same ID is registered again, unpinned
+        assert pinned_id in engine._loop.run(engine.llm.list_loras(), 60)
     _, final = engine.submit(PROMPTS[0], "rand-0", GREEDY).result(60)  # still serves after the unpin
     assert final.error is None
     for name in names:
