@@ -70,6 +70,9 @@ def build_family(name: str, out: Path, seed: int = 0, std: float = 0.02) -> Path
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # rows past the tokenizer are padding, untrained in real checkpoints too
+        model.get_input_embeddings().weight[len(tokenizer):] = 0
+        model.get_output_embeddings().weight[len(tokenizer):] = 0
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     # transformers picks the tokenizer class by model_type (Qwen2Tokenizer splits digits one by
