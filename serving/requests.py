@@ -14,6 +14,7 @@ from typing import Any, Literal, NotRequired, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from loraplex.serving.engine.sampling import MAX_LOGPROBS
 from loraplex.serving.errors import InvalidRequest
 
 BASE_MODEL_ID = "base"  # the OpenAI `model` value (besides "") that means: no adapter
@@ -263,6 +264,8 @@ class ChatCompletionBody(_OpenAIBase):
             params["max_tokens"] = self.max_completion_tokens
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest("top_logprobs needs logprobs: true")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}")
         params["logprobs"] = (self.top_logprobs or 0) if self.logprobs else None
         return GenerateCall(
             request_id=checked_request_id(request_id),

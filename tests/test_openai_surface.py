@@ -195,6 +195,25 @@ def test_completion_logprobs_n_and_prompt_lists(client, server):
     assert finished == {0, 1, 2}
 
 
+def test_streamed_echo_logprobs_and_logit_bias(server, tokenizer_ids):
+    cat, _ = tokenizer_ids
+    body = {
+        "model": "rand-1",
+        "prompt": PROMPT,
+        "echo": True,
+        "logprobs": 1,
+        "max_tokens": 4,
+        "temperature": 0,
+        "logit_bias": {str(cat): 100},
+    }
+    chunks = stream(server, "completions", body, Completion)
+    assert chunks[0].choices[0].text.startswith(PROMPT)
+    assert "".join(c.choices[0].text for c in chunks) == PROMPT + " cat" * 4
+    tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    offsets = [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert tokens[-4:] == [" cat"] * 4 and offsets == sorted(offsets)
+
+
 def test_stream_options_include_usage(client, server):
     for path, body, kind in [
         ("completions", {"prompt": PROMPT}, Completion),
