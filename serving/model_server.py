@@ -7,6 +7,7 @@ Ray routes a request to a replica that already holds its adapter when one exists
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import replace
 
 from ray import serve
@@ -75,20 +76,23 @@ class ModelServer:
             await self.get_adapter(adapter_id)
         params, n = self._params(call), call.get("n") or 1
         limits = TenantLimits(**call["limits"]) if call.get("limits") else None
+        prompts = []  # (token IDs, echo text) per prompt, checked before anything is queued
+        for prompt in self._prompt(call):
+            prompt_ids = prompt if isinstance(prompt, list) else self.engine.encode(prompt)
+            echo = "" if not call.get("echo") else prompt if isinstance(prompt, str) else (
+                self.engine.tokenizer.decode(prompt, skip_special_tokens=True))
+            if limits is not None:
+                limits.check_prompt_tokens(len(prompt_ids))
+                limits.check_new_tokens(params.max_tokens)
+                if params.max_tokens is None and limits.max_new_tokens is not None:
+                    room = max(1, self.engine.max_seq - len(prompt_ids))
+                    params = replace(params, max_tokens=min(limits.max_new_tokens, room))
+            prompts.append((prompt_ids, echo))
         choices: list[Choice] = []
+        together = getattr(self.engine, "submitting_together", contextlib.nullcontext)
         try:
-            for p, prompt in enumerate(self._prompt(call)):
-                prompt_ids = prompt if isinstance(prompt, list) else self.engine.encode(prompt)
-                echo = "" if not call.get("echo") else prompt if isinstance(prompt, str) else (
-                    self.engine.tokenizer.decode(prompt, skip_special_tokens=True))
-                if limits is not None:
-                    limits.check_prompt_tokens(len(prompt_ids))
-                    limits.check_new_tokens(params.max_tokens)
-                    if params.max_tokens is None and limits.max_new_tokens is not None:
-                        room = max(1, self.engine.max_seq - len(prompt_ids))
-                        params = replace(params, max_tokens=min(limits.max_new_tokens, room))
-                for i in range(n):
-                    index = p * n + i
+            with together():  # the torch engine admits them in one step and shares a prompt's prefill
+                for index, (prompt_ids, echo) in enumerate(p for p in prompts for _ in range(n)):
                     one = params if params.seed is None or index == 0 else replace(params, seed=params.seed + index)
                     request_id = call["request_id"] if index == 0 else f"{call['request_id']}-{index}"
                     stream = self.engine.submit(prompt_ids, adapter_id, one, request_id=request_id,

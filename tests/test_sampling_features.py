@@ -176,3 +176,33 @@ def test_stop_strings_spanning_tokens_still_stop(engine):
     assert stopped and "".join(pieces) == "the riv"
     pieces, stopped = _feed(tokenizer, ids, SamplingParams(stop=("日本",)))
     assert not stopped and "".join(pieces) == tokenizer.decode(ids)
+
+
+def test_repeated_prompts_share_one_prefill_and_answer_as_alone(engine):
+    """The choices of n > 1: one prefill forward, the others copy its cache rows; same outputs."""
+    params = [SamplingParams(max_tokens=10, temperature=1.0, seed=s) for s in range(4)]
+    alone = [engine.submit(PROMPT, "rand-2", p).result(120)[0] for p in params]
+    forwards, forward = [], engine._forward
+    engine._forward = lambda requests, ids, *a, **k: forwards.append(ids.shape) or forward(requests, ids, *a, **k)
+    try:
+        with engine.submitting_together():
+            streams = [engine.submit(PROMPT, "rand-2", p) for p in params]
+        together = [s.result(120)[0] for s in streams]
+    finally:
+        engine._forward = forward
+    assert together == alone
+    assert [shape[0] for shape in forwards if shape[1] > 1] == [1]  # one prefill row for the four
+
+
+def test_prefill_groups_share_repeats_and_keep_scoring_alone():
+    from types import SimpleNamespace
+
+    from loraplex.serving.engine.prefill import prefill_groups
+
+    def req(adapter, prompt, scoring=None):
+        return SimpleNamespace(adapter_id=adapter, prompt_ids=prompt, params=SamplingParams(prompt_logprobs=scoring))
+
+    a, a2, b, c, s = req("x", [1, 2]), req("x", [1, 2]), req("y", [1, 2]), req("x", [3]), req("x", [1, 2], 0)
+    groups = prefill_groups([a, a2, b, c, s], one_by_one=False)
+    assert [(len(g.requests), g.shared) for g in groups] == [(2, True), (2, False), (1, False)]
+    assert [len(g.requests) for g in prefill_groups([a, b, c], one_by_one=True)] == [1, 1, 1]

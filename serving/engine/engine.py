@@ -28,6 +28,7 @@ from loraplex.serving.engine.detokenize import StopDetokenizer
 from loraplex.serving.engine.logits import LogitsProcessor
 from loraplex.serving.engine.logprobs import TokenEvent, TokenLogprob, prompt_logprobs, token_logprob
 from loraplex.serving.engine.lora_batch import LoraSlots
+from loraplex.serving.engine.prefill import PrefillGroup, prefill_groups
 from loraplex.serving.engine.runner import KVCacheRunner
 from loraplex.serving.engine.sampling import SamplingParams, sample_next
 from loraplex.serving.engine.store import AdapterStore
@@ -91,11 +92,9 @@ class TorchEngine:
 
     def _load(self, device: str) -> None:
         from loraplex.training.architectures import require_torch_engine_architecture
-        from loraplex.training.architectures import require_torch_engine_architecture
         from loraplex.training.quant import load_dense_base, load_nf4_base
 
         config, base_dir = self.config, self.base_dir
-        require_torch_engine_architecture(base_dir)  # before loading: others would run, wrongly
         require_torch_engine_architecture(base_dir)  # before loading: others would run, wrongly
         if config.quantization == "nf4":
             model = load_nf4_base(base_dir, device)
@@ -158,6 +157,11 @@ class TorchEngine:
         if self.metrics:
             self.metrics.queue_depth(len(self._waiting))
         return request.stream
+
+    def submitting_together(self):
+        """Hold admission while the caller submits several requests (the choices of n > 1): they are
+        admitted in one step, and repeats of a prompt share its prefill (see prefill.py)."""
+        return self._cond
 
     def encode(self, prompt: str) -> list[int]:
         return encode_prompt_text(self.tokenizer, prompt)
@@ -256,22 +260,13 @@ class TorchEngine:
             admitted.append(request)
         # Every forward first, then sampling: a request that finishes at once (echo with
         # max_tokens=0) moves the last batch position, which a later group's forward reads.
-        prefilled = [(group, self._prefill(group)) for group in self._prefill_groups(admitted)]
-        for group, logits in prefilled:
-            self._accept_tokens(group, logits)
+        groups = prefill_groups(admitted, one_by_one=self.fixed_shapes)
+        prefilled = [(group.requests, self._prefill(group)) for group in groups]
+        for requests, logits in prefilled:
+            self._accept_tokens(requests, logits)
 
-    def _prefill_groups(self, admitted: list[_Request]) -> list[list[_Request]]:
-        """Contiguous runs prefilled together; alone on CUDA (fixed shapes) and when scoring the prompt."""
-        groups: list[list[_Request]] = []
-        for request in admitted:
-            alone = self.fixed_shapes or request.params.prompt_logprobs is not None
-            if alone or not groups or groups[-1][-1].params.prompt_logprobs is not None:
-                groups.append([request])
-            else:
-                groups[-1].append(request)
-        return groups
-
-    def _prefill(self, requests: list[_Request]) -> torch.Tensor:
+    def _prefill(self, group: PrefillGroup) -> torch.Tensor:
+        requests = group.requests[:1] if group.shared else group.requests
         width = max(len(r.prompt_ids) for r in requests)
         ids = torch.zeros(len(requests), width, dtype=torch.long)
         for i, request in enumerate(requests):
@@ -285,9 +280,12 @@ class TorchEngine:
             logits = logits[-1:]
         else:
             logits = self._forward(requests, ids, positions, torch.tensor([len(r.prompt_ids) - 1 for r in requests]))
-        for request in requests:
+        for request in group.requests:
             request.length = len(request.prompt_ids)
-        return logits
+        for other in group.requests[1:] if group.shared else ():  # its prompt's cache, computed once
+            for cache in (self.runner.k_cache, self.runner.v_cache):
+                cache[:, other.row, :width] = cache[:, requests[0].row, :width]
+        return logits.repeat(len(group.requests), 1) if group.shared else logits
 
     def _decode_step(self) -> None:
         requests = list(self._running)
