@@ -499,3 +499,18 @@ def test_graceful_shutdown_drains_requests_in_flight(server, stub):
     assert not deleting.is_alive()
     start(server[0])
     assert_still_serving(stub, server, keys)
+
+
+def test_vllm_adapter_routes_need_an_admin_key_and_a_store_folder(server):
+    """POST /v1/load_lora_adapter and /v1/unload_lora_adapter: admin only, the path inside the store."""
+    _, store, keys, _ = server
+    load = {"lora_name": GLOBEX, "lora_path": str(store / GLOBEX)}
+    for route, body in (("/v1/load_lora_adapter", load), ("/v1/unload_lora_adapter", {"lora_name": GLOBEX})):
+        assert http(server, route, keys["any"], body).status_code == 403
+        assert http(server, route, None, body).status_code == 401
+        assert http(server, route, keys["admin"], body).status_code == 200, route
+    escaping = http(server, "/v1/load_lora_adapter", keys["admin"],
+                    {"lora_name": "bad-symlink", "lora_path": str(store / "bad-symlink")})
+    assert escaping.status_code == 422 and "outside the store" in escaping.json()["error"]["message"]
+    elsewhere = http(server, "/v1/load_lora_adapter", keys["admin"], {"lora_name": GLOBEX, "lora_path": "/tmp"})
+    assert elsewhere.status_code == 400 and "store" in elsewhere.json()["error"]["message"]
