@@ -214,6 +214,42 @@ def test_streamed_echo_logprobs_and_logit_bias(server, tokenizer_ids):
     assert tokens[-4:] == [" cat"] * 4 and offsets == sorted(offsets)
 
 
+def test_chat_n_penalties_and_vllm_extensions(client, server, tokenizer_ids):
+    cat, _ = tokenizer_ids
+    fields = {
+        "n": 2,
+        "temperature": 1.0,
+        "seed": 4,
+        "max_tokens": 6,
+        "presence_penalty": 1.0,
+        "frequency_penalty": 0.5,
+        "logit_bias": {str(cat): -100},
+        "stop": ["\n\n"],
+        "extra_body": {"repetition_penalty": 1.3, "min_tokens": 2, "top_k": 50},
+    }
+    response = chat(client, **fields)
+    assert [c.index for c in response.choices] == [0, 1] and response.usage.completion_tokens >= 4
+    assert all(" cat" not in c.message.content for c in response.choices)
+    greedy = chat(client, max_tokens=8).choices[0].message.content
+    first = client.chat.completions.create(
+        model="rand-0", max_tokens=1, temperature=0, messages=[{"role": "user", "content": PROMPT}], logprobs=True
+    )
+    stop_id = first.choices[0].logprobs.content[0]
+    cut = chat(client, max_tokens=8, extra_body={"stop_token_ids": [tokenizer_ids_of(server, stop_id.token)]})
+    assert cut.choices[0].finish_reason == "stop" and cut.usage.completion_tokens == 0 and greedy
+    body = {
+        "model": "rand-0",
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": 5,
+        "n": 2,
+        "temperature": 1.0,
+        "stream_options": {"include_usage": True},
+    }
+    chunks = stream(server, "chat/completions", body, ChatCompletionChunk)
+    assert {c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason} == {0, 1}
+    assert 2 <= chunks[-1].usage.completion_tokens <= 10  # two choices of at most 5
+
+
 def test_stream_options_include_usage(client, server):
     for path, body, kind in [
         ("completions", {"prompt": PROMPT}, Completion),
