@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 from openai._models import construct_type
@@ -10,6 +11,18 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
 PROMPT = "Write a sentence about the red cat:\n"
+ADAPTERS = [f"rand-{i}" for i in range(8)]
+SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "age", "ok"],
+    "properties": {
+        "name": {"type": "string", "maxLength": 10},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+        "ok": {"type": "boolean"},
+    },
+}
+RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
 
 
 def chat(client, **fields) -> ChatCompletion:
@@ -77,3 +90,43 @@ def tokenizer_ids_of(server, text: str) -> int:
 
     (token,) = AutoTokenizer.from_pretrained(server[0].base_model).encode(text, add_special_tokens=False)
     return token
+
+
+def start_server(embedded_base: Path, store: Path):
+    """A live app on loopback (auth off) serving 8 random adapters written into `store`."""
+    from loraplex.serving.launch import ServeOptions, start
+    from loraplex.training.random_adapter import make_random_adapter
+    from tests.conftest import free_port
+
+    for i, name in enumerate(ADAPTERS):
+        make_random_adapter(embedded_base, store / name, seed=i, rank=8, std=0.05)
+    options = ServeOptions(
+        base_model=str(embedded_base),
+        adapters=str(store),
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        num_cpus=2,
+        max_batch=16,
+        max_loras=8,
+        allow_unauthenticated=True,
+    )
+    start(options)
+    return options
+
+
+def reference_logprobs(base: Path, adapter: Path, prompt: str) -> tuple[list[int], list[float]]:
+    """The prompt's token IDs (BOS first) and each later token's logprob from a plain transformers
+    forward on the NF4 base with the adapter through PEFT: what echo scoring must equal."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from loraplex.training.quant import load_nf4_base
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    model = PeftModel.from_pretrained(load_nf4_base(base, "cpu"), str(adapter)).eval()
+    ids = [tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    return ids, [logp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]

@@ -15,49 +15,31 @@ import httpx
 import jsonschema
 import openai
 import pytest
-import torch
 from openai.types import Completion
 from openai.types.chat import ChatCompletionChunk
 
-from loraplex.training.random_adapter import make_random_adapter
-from tests.conftest import free_port
-from tests.openai_checks import PROMPT, chat, complete, stream, tokenizer_ids_of
+from tests.openai_checks import (
+    ADAPTERS,
+    PROMPT,
+    RESPONSE_FORMAT,
+    SCHEMA,
+    chat,
+    complete,
+    reference_logprobs,
+    start_server,
+    stream,
+    tokenizer_ids_of,
+)
 
 pytestmark = pytest.mark.slow
-ADAPTERS = [f"rand-{i}" for i in range(8)]
-SCHEMA = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["name", "age", "ok"],
-    "properties": {
-        "name": {"type": "string", "maxLength": 10},
-        "age": {"type": "integer", "minimum": 0, "maximum": 99},
-        "ok": {"type": "boolean"},
-    },
-}
-RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
 
 
 @pytest.fixture(scope="module")
 def server(embedded_base, tmp_path_factory):
-    from loraplex.serving.launch import ServeOptions, start, stop
+    from loraplex.serving.launch import stop
 
     store = tmp_path_factory.mktemp("store")
-    for i, name in enumerate(ADAPTERS):
-        make_random_adapter(embedded_base, store / name, seed=i, rank=8, std=0.05)
-    options = ServeOptions(
-        base_model=str(embedded_base),
-        adapters=str(store),
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        num_cpus=2,
-        max_batch=16,
-        max_loras=8,
-        allow_unauthenticated=True,
-    )
-    start(options)
-    yield options, store
+    yield start_server(embedded_base, store), store
     stop()
 
 
@@ -146,23 +128,13 @@ def test_chat_logprobs_streamed_and_not(client, server):
 
 def test_echo_scores_the_prompt_like_a_transformers_forward(client, server, embedded_base):
     """An evaluation harness's loglikelihood call: echo=True, max_tokens=0, logprobs=1."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    from loraplex.training.quant import load_nf4_base
-
     prompt = "Ticket: my invoice is wrong\nQueue: billing"
     response = complete(client, model="rand-5", prompt=prompt, echo=True, max_tokens=0, logprobs=1)
     choice = response.choices[0]
     assert choice.text == prompt and choice.finish_reason == "length" and response.usage.completion_tokens == 0
     scored = choice.logprobs.token_logprobs
     assert scored[0] is None and len(scored) == response.usage.prompt_tokens
-    tokenizer = AutoTokenizer.from_pretrained(str(embedded_base))
-    model = PeftModel.from_pretrained(load_nf4_base(embedded_base, "cpu"), str(server[1] / "rand-5")).eval()
-    ids = [tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
-    with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
-    reference = [logp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+    ids, reference = reference_logprobs(embedded_base, server[1] / "rand-5", prompt)
     worst = max(abs(a - b) for a, b in zip(scored[1:], reference))
     print(f"echo logprobs over HTTP vs transformers+peft (NF4): max abs diff {worst:.2e}")
     assert worst < 1e-3
