@@ -64,7 +64,7 @@ def test_early_stopping_keeps_the_best_adapter_and_logs_a_csv(tiny_base, tmp_pat
     # must hand back an earlier, better adapter than its last step
     manifest = train(TrainConfig(
         data=str(train_file), eval_data=str(eval_file), output=str(out), base_model=str(tiny_base),
-        max_steps=30, eval_steps=2, early_stopping_patience=1, learning_rate=1.0, warmup_ratio=0.0,
+        max_steps=30, eval_steps=1, early_stopping_patience=1, learning_rate=1.0, warmup_ratio=0.0,
         batch_size=4, max_seq_len=128, packing=True, eval_limit=1, gradient_checkpointing=False))
     selection = manifest["selection"]
     assert selection["stopped_early"] and manifest["steps"] < 30, selection
