@@ -65,6 +65,10 @@ def start(options: ServeOptions, demo: bool = False) -> None:
     auth["allow_unauthenticated"] = options.allow_unauthenticated or demo
     # built before Ray starts: bad app args or a missing or bad key file stop us here
     app = build_app({**args, **auth, "replicas": options.replicas, "metrics_port": options.metrics_port})
+    if options.engine == "torch":  # a family the torch engine would run wrongly: refuse here, not in a replica
+        from loraplex.training.architectures import require_torch_engine_architecture
+
+        require_torch_engine_architecture(options.base_model)
     if not ray.is_initialized():
         ray.init(num_cpus=options.num_cpus, include_dashboard=False, _metrics_export_port=options.metrics_port,
                  log_to_driver=False)

@@ -307,3 +307,14 @@ def test_unsupported_architecture_is_refused_by_convert(phi3_dir, tmp_path):
     assert lines[-1].startswith("error: architecture Phi3ForCausalLM is not supported by convert's GGUF export")
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "phi3.gguf").exists()
+
+
+def test_loraplex_serve_refuses_it_before_starting_ray(phi3_dir):
+    from tests.conftest import run_cli
+
+    done = run_cli("-m", "loraplex.cli", "serve", "--base-model", str(phi3_dir), "--allow-unauthenticated",
+                   timeout=180)
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = [line for line in done.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("error: architecture Phi3ForCausalLM is not supported by the torch engine; use --engine vllm")
+    assert "Traceback" not in done.stderr
