@@ -32,7 +32,8 @@ class VerifyOptions:
     eval_data: str | None = field(default=None, metadata=_opt("JSONL {prompt, completion}: exact match + eval loss"))
     verify_rows: int = field(default=100, metadata=_opt("eval rows used by verify"))
     min_agreement: float | None = field(default=None, metadata=_opt(
-        "fail (exit 1) below this top-1 agreement; default by precision (see DEFAULT_MIN_AGREEMENT)"))
+        "fail (exit 1) below this top-1 agreement; default by precision (DEFAULT_MIN_AGREEMENT), which for "
+        "GGUF only warns: its verdict keys on the excess over the base's own quantization damage"))
 
     def agreement_floor(self) -> float:
         if self.min_agreement is not None:
