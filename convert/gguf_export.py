@@ -348,6 +348,20 @@ def bpe_pre_tokenizer(tok: dict) -> str:
     )
 
 
+def _pre_tokenizer_as_loaded(model_dir: Path, tok: dict) -> dict:
+    """The split Hugging Face really applies, which can differ from tokenizer.json's.
+
+    transformers picks the tokenizer class by model_type and some classes set their own split
+    (Qwen2Tokenizer: digits one by one), so the file alone can name the wrong llama.cpp pre-tokenizer."""
+    from transformers import AutoTokenizer
+
+    try:
+        backend = AutoTokenizer.from_pretrained(str(model_dir)).backend_tokenizer
+    except (OSError, ValueError, AttributeError):  # no fast tokenizer: the file is all there is
+        return tok.get("pre_tokenizer") or {}
+    return json.loads(backend.to_str()).get("pre_tokenizer") or {}
+
+
 def _add_byte_level_bpe(writer: gguf.GGUFWriter, model_dir: Path, tok: dict, vocab_size: int) -> None:
     """tokens, types and merges of a byte-level BPE (Llama 3, Qwen2, GPT-2, ours)."""
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]  # config vocab may be padded past the tokenizer's
@@ -359,7 +373,7 @@ def _add_byte_level_bpe(writer: gguf.GGUFWriter, model_dir: Path, tok: dict, voc
         kind = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
         tokens[added["id"]], types[added["id"]] = added["content"], kind
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(bpe_pre_tokenizer(tok))
+    writer.add_tokenizer_pre(bpe_pre_tokenizer({"pre_tokenizer": _pre_tokenizer_as_loaded(model_dir, tok)}))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     gguf.SpecialVocab(model_dir, load_merges=True).add_to_gguf(writer, quiet=True)  # merges, bos/eos, add_bos

@@ -318,3 +318,24 @@ def test_loraplex_serve_refuses_it_before_starting_ray(phi3_dir):
     last = [line for line in done.stderr.splitlines() if line.strip()][-1]
     assert last.startswith("error: architecture Phi3ForCausalLM is not supported by the torch engine; use --engine vllm")
     assert "Traceback" not in done.stderr
+
+
+def test_gguf_pre_tokenizer_follows_the_tokenizer_transformers_loads(tmp_path):
+    """transformers loads Qwen2Tokenizer for model_type qwen2, which splits digits one by one
+    whatever tokenizer.json says; the GGUF must split like the tokenizer that really runs."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is part of the dev setup (make test)")
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from loraplex.convert import llamacpp_check
+    from loraplex.convert.gguf_export import write_gguf
+    from loraplex.training.base import ensure_base
+
+    config = Qwen2Config(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=2048, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(str(ensure_base())).save_pretrained(tmp_path)  # Llama-3 split in the file
+    path = write_gguf(tmp_path, tmp_path / "m.gguf", "F16", progress=lambda _: None)
+    llm = llamacpp_check.load_gguf(path, n_ctx=64)
+    text = "What number comes after 41? The answer is 42."
+    assert llm.metadata["tokenizer.ggml.pre"] == "qwen2"
+    assert llamacpp_check.tokenize(llm, text) == AutoTokenizer.from_pretrained(str(tmp_path))(text)["input_ids"]
