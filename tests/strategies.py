@@ -29,7 +29,11 @@ def proto_requests():
         pb.GenerateRequest, prompt=proto_text, max_tokens=int32,
         temperature=st.floats(width=32), top_p=st.floats(width=32), top_k=int32,
         seed=st.integers(-2**63, 2**63 - 1), stop=st.lists(proto_text, max_size=10),
-        messages=st.lists(message, max_size=3), request_id=proto_text, ignore_eos=st.booleans())
+        messages=st.lists(message, max_size=3), request_id=proto_text, ignore_eos=st.booleans(),
+        n=int32, echo=st.booleans(), logprobs=int32, response_format=proto_text,
+        presence_penalty=st.floats(width=32), frequency_penalty=st.floats(width=32),
+        repetition_penalty=st.floats(width=32), logit_bias=st.dictionaries(int32, st.floats(width=32), max_size=3),
+        min_tokens=int32, stop_token_ids=st.lists(int32, max_size=3))
 
 
 def mutated_bodies(base: dict):
@@ -37,5 +41,10 @@ def mutated_bodies(base: dict):
     return st.builds(
         lambda changes, dropped: {**{k: v for k, v in base.items() if k not in dropped}, **changes},
         st.dictionaries(st.sampled_from([*base, "stream", "n", "seed", "top_k", "top_p", "stop", "temperature",
-                                         "max_completion_tokens", "ignore_eos", "extra"]), json_values, max_size=4),
+                                         "max_completion_tokens", "ignore_eos", "extra",
+                                         # the OpenAI fields of #15
+                                         "logprobs", "top_logprobs", "echo", "stream_options", "response_format",
+                                         "presence_penalty", "frequency_penalty", "repetition_penalty",
+                                         "logit_bias", "min_tokens", "stop_token_ids", "user"]),
+                        json_values, max_size=4),
         st.sets(st.sampled_from(list(base)), max_size=2))
