@@ -63,10 +63,6 @@ class ModelServer:
             params = SamplingParams(**call["params"])
         except TypeError as exc:
             raise InvalidRequest(str(exc)) from None
-        extended = params.extended_fields()
-        if extended and self.engine.config.engine != "torch":
-            raise InvalidRequest(f"the {self.engine.config.engine} engine does not implement "
-                                 f"{', '.join(extended)}: serve with --engine torch for these fields")
         return params
 
     async def _submit(self, call: GenerateCall) -> tuple[str, list[Choice]]:

@@ -219,3 +219,20 @@ def test_prefill_groups_share_repeats_and_keep_scoring_alone():
     groups = prefill_groups([a, a2, b, c, s], one_by_one=False)
     assert [(len(g.requests), g.shared) for g in groups] == [(2, True), (2, False), (1, False)]
     assert [len(g.requests) for g in prefill_groups([a, b, c], one_by_one=True)] == [1, 1, 1]
+
+
+def test_the_vllm_mapping_refuses_the_fields_it_does_not_map():
+    from loraplex.serving.engine.vllm_args import sampling_kwargs
+
+    for fields in (
+        {"logprobs": 1},
+        {"prompt_logprobs": 0},
+        {"presence_penalty": 1.0},
+        {"logit_bias": ((5, 1.0),)},
+        {"response_format": JSON_SCHEMA},
+        {"min_tokens": 2},
+        {"stop_token_ids": (3,)},
+    ):
+        with pytest.raises(InvalidRequest, match=next(iter(fields))):
+            sampling_kwargs(SamplingParams(**fields))
+    assert sampling_kwargs(SamplingParams(max_tokens=4))["max_tokens"] == 4

@@ -208,6 +208,10 @@ def engine_args_kwargs(config: EngineConfig, base_dir: str | Path, build: VLLMBu
 
 def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
     """vLLM SamplingParams kwargs for a validated request (output_kind is added where vllm is imported)."""
+    unmapped = params.extended_fields()  # logprobs, echo, penalties, bias, response_format: torch engine only
+    if unmapped:
+        raise InvalidRequest(f"the vllm engine does not implement {', '.join(unmapped)} yet: "
+                             "serve with --engine torch for these fields")
     if params.temperature > VLLM_MAX_TEMPERATURE:
         raise InvalidRequest(f"temperature must be <= {VLLM_MAX_TEMPERATURE} on the vllm engine, "
                              f"got {params.temperature}")
