@@ -28,6 +28,7 @@ from loraplex.serving.errors import (
     classify,
     replica_cause,
 )
+from loraplex.serving.metrics import ServingMetrics
 from loraplex.serving.openai_http import held, http_app, openai_error, openai_response, sse
 from loraplex.serving.requests import (
     BASE_MODEL_ID,
@@ -62,6 +63,7 @@ class Router:
         self.keys = KeyTable.from_config(api_keys) if api_keys is not None else None
         self.default_limits = TenantLimits(**(limits or {}))
         self.in_flight: Counter[str] = Counter()  # per tenant, on this Router replica
+        self.metrics = ServingMetrics("ray")  # refusals at the gate never reach an engine's counters
         if self.keys is None:
             logger.warning("loraplex: %s", AUTH_OFF_WARNING)
 
@@ -70,18 +72,28 @@ class Router:
 
     # -- the gate --------------------------------------------------------------------------------
 
-    def _authenticate(self, authorization: str | None) -> TenantKey | None:
-        return None if self.keys is None else self.keys.authenticate(authorization)
+    def _authenticate(self, authorization: str | None, adapter_id: str | None = None) -> TenantKey | None:
+        """The caller's key (None when auth is off); a refused generation request is counted."""
+        try:
+            return None if self.keys is None else self.keys.authenticate(authorization)
+        except Exception as exc:
+            if adapter_id is not None:
+                self.metrics.request_refused(adapter_id, exc)
+            raise
 
     @contextlib.contextmanager
     def _admitted(self, key: TenantKey | None, adapter_id: str, call: GenerateCall):
         """Authorize the adapter and hold one of the tenant's concurrent-request places."""
-        authorize(key, adapter_id)
         tenant = key.name if key else f"adapter:{adapter_id}"
         limits = key.limits if key else self.default_limits
-        if limits.max_concurrent is not None and self.in_flight[tenant] >= limits.max_concurrent:
-            raise TenantLimitExceeded(f"tenant {tenant} has {limits.max_concurrent} requests in flight "
-                                      "(its limit); retry when one finishes")
+        try:
+            authorize(key, adapter_id)
+            if limits.max_concurrent is not None and self.in_flight[tenant] >= limits.max_concurrent:
+                raise TenantLimitExceeded(f"tenant {tenant} has {limits.max_concurrent} requests in flight "
+                                          "(its limit); retry when one finishes")
+        except Exception as exc:
+            self.metrics.request_refused(adapter_id, exc)
+            raise
         call["limits"] = asdict(limits)  # the prompt and token limits are checked by the ModelServer
         self.in_flight[tenant] += 1
         try:
@@ -144,7 +156,7 @@ class Router:
 
     def _grpc_key(self, grpc_context) -> TenantKey | None:
         metadata = dict(grpc_context.invocation_metadata())
-        return self._authenticate(metadata.get("authorization"))
+        return self._authenticate(metadata.get("authorization"), serve.get_multiplexed_model_id())
 
     @staticmethod
     def _grpc_call(request, grpc_context) -> GenerateCall:
@@ -297,9 +309,9 @@ class Router:
     async def _openai(self, body, request: Request, chat: bool):
         gate = contextlib.ExitStack()
         try:
-            key = self._authenticate(request.headers.get("authorization"))
-            call = body.call(request.headers.get("x-request-id"))
             adapter_id = adapter_from_model(body.model)
+            key = self._authenticate(request.headers.get("authorization"), adapter_id)
+            call = body.call(request.headers.get("x-request-id"))
             gate.enter_context(self._admitted(key, adapter_id, call))
             logprobs = call["params"].get("logprobs") is not None
             if not body.stream:
