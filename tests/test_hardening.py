@@ -175,7 +175,7 @@ def test_refused_requests_are_counted_with_their_status(server, stub):
 
     def counted() -> bool:
         text = urllib.request.urlopen(url, timeout=10).read().decode()
-        lines = [line for line in text.splitlines() if line.startswith("loraplex_requests_total")
+        lines = [line for line in text.splitlines() if "loraplex_requests_total{" in line  # ray_ prefix
                  and f'adapter="{INITECH}"' in line]
         return any('code="UNAUTHENTICATED"' in line for line in lines) and \
             any('code="PERMISSION_DENIED"' in line for line in lines)
