@@ -13,26 +13,26 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import gguf
 import numpy as np
 import torch
 from safetensors import safe_open
 
+from loraplex.convert.errors import UnsupportedModel
+from loraplex.convert.gguf_tokenizer import add_tokenizer
 from loraplex.convert.llamacpp_check import require_llama_cpp
 from loraplex.training.architectures import (
-    SUPPORTED_ARCHITECTURES, UnsupportedArchitecture, require_convert_architecture,
+    SUPPORTED_ARCHITECTURES,
+    UnsupportedArchitecture,
+    require_convert_architecture,
 )
 from loraplex.training.errors import ConfigError, LoraplexError
 
 Progress = Callable[[str], None]
-
-
-class UnsupportedModel(LoraplexError):
-    """The checkpoint uses an architecture, tokenizer or RoPE variant this exporter cannot write."""
 
 
 @dataclass(frozen=True)
@@ -67,16 +67,6 @@ LLAMA_CPP_TYPES = {
     "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
 }
 SUPPORTED_OUTTYPES = (*GGUF_PY_TYPES, *LLAMA_CPP_TYPES)
-
-# BPE split regexes as they appear in tokenizer.json -> llama.cpp's tokenizer.ggml.pre name.
-# llama.cpp hard-codes one regex per name, so an unknown regex cannot be exported faithfully.
-_LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2 splits digits one by one
-_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-BPE_PRE_TOKENIZERS = {_LLAMA3_REGEX: "llama-bpe", _QWEN2_REGEX: "qwen2", _GPT2_REGEX: "gpt-2"}
 
 _GLOBAL_TENSORS = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -178,7 +168,7 @@ def write_gguf(model_dir: Path, out_path: Path, outtype: str = "F16", progress: 
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_hparams(writer, config)
-    _add_tokenizer(writer, model_dir, config["vocab_size"])
+    add_tokenizer(writer, model_dir, config["vocab_size"])
 
     # Two passes so tensors stream: the header needs every name, shape and type before any data.
     plan = list(_plan_tensors(model_dir, config, weight_type))
@@ -305,127 +295,6 @@ def _llama3_rope_factors(config: dict) -> torch.Tensor:
     factors = 1 / ((1 - smooth) / factor + smooth)  # between the two wavelength bounds: interpolate
     factors = torch.where(wavelen < old_ctx / high, torch.ones_like(factors), factors)
     return torch.where(wavelen > old_ctx / low, torch.full_like(factors, factor), factors)
-
-
-# ---- tokenizer ------------------------------------------------------------------------------
-
-def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
-    """Byte-level BPE as 'gpt2' + a pre-tokenizer name; SentencePiece-style vocabularies as 'llama'."""
-    tokenizer_json = model_dir / "tokenizer.json"
-    if tokenizer_json.is_file():
-        tok = json.loads(tokenizer_json.read_text(encoding="utf-8"))
-        if tok["model"]["type"] == "BPE" and not tok["model"].get("byte_fallback"):
-            _add_byte_level_bpe(writer, model_dir, tok, vocab_size)
-            return
-        if tok["model"]["type"] == "BPE":  # Llama 2 / Mistral fast tokenizers: SentencePiece BPE, byte fallback
-            _add_sentencepiece(writer, model_dir, *_sentencepiece_from_tokenizer_json(tok), vocab_size)
-            return
-    if (model_dir / "tokenizer.model").is_file():
-        try:  # gguf-py reads tokenizer.model through the optional sentencepiece package
-            pieces = list(zip(*gguf.SentencePieceVocab(model_dir).all_tokens()))
-        except RuntimeError as err:
-            raise UnsupportedModel(f"tokenizer.model needs sentencepiece (pip install sentencepiece): {err}") from err
-        _add_sentencepiece(writer, model_dir, *pieces, vocab_size)
-        return
-    raise UnsupportedModel(f"{model_dir}: no supported tokenizer (byte-level BPE or SentencePiece-style)")
-
-
-def bpe_pre_tokenizer(tok: dict) -> str:
-    """llama.cpp's tokenizer.ggml.pre for a tokenizer.json, read from its split regex.
-
-    Without the right name llama.cpp falls back to a default split and about a third of the
-    strings tokenize differently from Hugging Face.
-    """
-    pre = tok.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre])
-    regexes = [s["pattern"].get("Regex") for s in steps if s.get("type") == "Split"]
-    if not regexes and any(s.get("type") == "ByteLevel" and s.get("use_regex", True) for s in steps):
-        return "gpt-2"  # ByteLevel with its built-in regex is GPT-2's split
-    if len(regexes) == 1 and regexes[0] in BPE_PRE_TOKENIZERS:
-        return BPE_PRE_TOKENIZERS[regexes[0]]
-    raise UnsupportedModel(
-        f"unrecognized BPE pre-tokenizer {regexes}; supported: {', '.join(sorted(set(BPE_PRE_TOKENIZERS.values())))}"
-    )
-
-
-def _pre_tokenizer_as_loaded(model_dir: Path, tok: dict) -> dict:
-    """The split Hugging Face really applies, which can differ from tokenizer.json's.
-
-    transformers picks the tokenizer class by model_type and some classes set their own split
-    (Qwen2Tokenizer: digits one by one), so the file alone can name the wrong llama.cpp pre-tokenizer."""
-    from transformers import AutoTokenizer
-
-    try:
-        backend = AutoTokenizer.from_pretrained(str(model_dir)).backend_tokenizer
-    except (OSError, ValueError, AttributeError):  # no fast tokenizer: the file is all there is
-        return tok.get("pre_tokenizer") or {}
-    return json.loads(backend.to_str()).get("pre_tokenizer") or {}
-
-
-def _add_byte_level_bpe(writer: gguf.GGUFWriter, model_dir: Path, tok: dict, vocab_size: int) -> None:
-    """tokens, types and merges of a byte-level BPE (Llama 3, Qwen2, GPT-2, ours)."""
-    tokens = [f"[PAD{i}]" for i in range(vocab_size)]  # config vocab may be padded past the tokenizer's
-    types = [gguf.TokenType.UNUSED] * vocab_size
-    for text, token_id in tok["model"]["vocab"].items():
-        tokens[token_id], types[token_id] = text, gguf.TokenType.NORMAL
-    for added in tok.get("added_tokens", []):
-        # special tokens are never produced from text (CONTROL); other added tokens are matched whole
-        kind = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
-        tokens[added["id"]], types[added["id"]] = added["content"], kind
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(bpe_pre_tokenizer({"pre_tokenizer": _pre_tokenizer_as_loaded(model_dir, tok)}))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    gguf.SpecialVocab(model_dir, load_merges=True).add_to_gguf(writer, quiet=True)  # merges, bos/eos, add_bos
-
-
-def _sentencepiece_from_tokenizer_json(tok: dict) -> tuple[list[bytes], list[float], list[int]]:
-    """tokens, scores and types of a byte-fallback BPE, scored so llama.cpp merges in HF's order.
-
-    llama.cpp's SentencePiece tokenizer merges the adjacent pair whose result scores highest;
-    Hugging Face applies the lowest-ranked merge first. Score = -rank makes the two agree.
-    """
-    model = tok["model"]
-    merge_rank: dict[str, int] = {}
-    for rank, merge in enumerate(model.get("merges", [])):
-        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
-        merge_rank.setdefault(left + right, rank)
-    entries = {token_id: (text, None) for text, token_id in model["vocab"].items()}
-    entries.update({added["id"]: (added["content"], added["special"]) for added in tok.get("added_tokens", [])})
-    tokens, scores, types = [], [], []
-    for token_id in range(max(entries) + 1):
-        text, special = entries.get(token_id, (f"[PAD{token_id}]", None))
-        tokens.append(text.encode("utf-8"))
-        scores.append(float(-merge_rank.get(text, 0)))
-        types.append(_sentencepiece_type(text, special, token_id in entries, model.get("unk_token")))
-    return tokens, scores, types
-
-
-def _sentencepiece_type(text: str, special: bool | None, known: bool, unk: str | None) -> int:
-    """llama.cpp's token type; BYTE matters: byte fallback and detokenizing <0xNN> depend on it."""
-    if not known:
-        return gguf.TokenType.UNUSED
-    if text == unk:
-        return gguf.TokenType.UNKNOWN
-    if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
-        return gguf.TokenType.BYTE
-    if special is None:  # in the BPE vocabulary, not an added token
-        return gguf.TokenType.NORMAL
-    return gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
-
-
-def _add_sentencepiece(
-    writer: gguf.GGUFWriter, model_dir: Path, tokens: list[bytes], scores: list[float], types: list[int],
-    vocab_size: int,
-) -> None:
-    """A SentencePiece-style vocabulary as llama.cpp tokenizer model 'llama', padded to the config's size."""
-    pad = range(len(tokens), vocab_size)
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list([*tokens, *(f"[PAD{i}]".encode() for i in pad)])
-    writer.add_token_scores([*scores, *(-1000.0 for _ in pad)])
-    writer.add_token_types([*types, *(gguf.TokenType.UNUSED for _ in pad)])
-    gguf.SpecialVocab(model_dir, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
 
 
 # ---- tensors --------------------------------------------------------------------------------

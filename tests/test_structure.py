@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = {"loraplex": "loraplex", "training": "loraplex.training", "serving": "loraplex.serving",
             "convert": "loraplex.convert"}
 # what serving and convert may import from training: the contracts that define an adapter
-TRAINING_CONTRACTS = {"errors", "adapter_id", "manifest", "quant", "data", "evaluate", "lora_format", "architectures"}
+TRAINING_CONTRACTS = {"errors", "adapter_id", "manifest", "quant", "data", "evaluate", "lora_format", "architectures",
+                      "pretokenizers"}
 MAX_LINES = 400
 
 
@@ -185,8 +186,13 @@ def test_request_stream_async_iteration_wakes_on_pushes_from_another_thread():
 @pytest.mark.slow
 def test_the_wheel_installs_only_the_loraplex_namespace_and_its_commands_work(tmp_path):
     """A non-editable install: only loraplex/ and its dist-info, and the documented commands run."""
+    import shutil
+
+    source = tmp_path / "src"  # a copy: setuptools' build/ cache in the repo could carry stale modules
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "build", "runs", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "benchmarks"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path / "dist"), str(REPO)], check=True)
+                    "-w", str(tmp_path / "dist"), str(source)], check=True)
     (wheel,) = (tmp_path / "dist").glob("loraplex-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"loraplex", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1]

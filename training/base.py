@@ -17,17 +17,12 @@ from pathlib import Path
 import torch
 
 from loraplex.training import synthetic
+from loraplex.training.pretokenizers import LLAMA3_SPLIT
 
 EMBEDDED_BASE_DIR = Path(__file__).resolve().parent / "base_model"
 SEED = 1234
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
-# Llama-3's split regex: llama.cpp knows it as pre-tokenizer "llama-bpe", so its own tokenizer
-# gives the same IDs as HF on our GGUF exports.
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
