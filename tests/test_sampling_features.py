@@ -137,7 +137,7 @@ def test_json_schema_holds_against_logits_pushing_control_characters(engine):
     control = [i for i in range(len(engine.tokenizer)) if engine.tokenizer.decode([i]) in {chr(c) for c in range(32)}]
     assert control
     bias = tuple((i, 50.0) for i in control)
-    for seed in range(8):
+    for seed in range(4):
         params = SamplingParams(max_tokens=80, temperature=1.0, seed=seed, response_format=JSON_SCHEMA, logit_bias=bias)
         text, final = engine.submit("Person as JSON:\n", ADAPTERS[seed], params).result(120)
         jsonschema.validate(json.loads(text), SCHEMA)
