@@ -26,7 +26,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = _scalar_type(hints[f.name])
-        common = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
+        common = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help", "").replace("%", "%%"))  # argparse formats help with %
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif typing.get_origin(hints[f.name]) is list:

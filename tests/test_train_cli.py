@@ -81,3 +81,11 @@ def test_base_model_that_is_not_a_checkpoint(tmp_path):
     proc = run_cli("training/run.py", "--data", TRAIN, "--output", str(tmp_path / "o"),
                    "--base-model", str(tmp_path))
     assert_clean_error(proc, "not a Hugging Face checkpoint")
+
+
+def test_every_command_help_prints():
+    """argparse formats help text with %: a literal % in a field's help must not break --help."""
+    for args in (["training/run.py", "--help"], ["-m", "loraplex.cli", "serve", "--help"],
+                 ["-m", "loraplex.convert", "merge-export", "--help"]):
+        done = run_cli(*args)
+        assert done.returncode == 0 and "usage:" in done.stdout, (args, done.stderr[-500:])
