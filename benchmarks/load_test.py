@@ -2,6 +2,8 @@
 streaming), with auth on, optionally killing a ModelServer replica midway. Bounded in count and
 time; stops by itself.
 
+Over 400 lines: four client surfaces, the answer checks and the table live together in one script.
+
 Every answer is checked: its request ID and adapter ID must be the ones sent, and its text must
 equal that adapter's answer to that prompt measured alone before the load (greedy decoding is
 batch-invariant, and the 8 adapters answer differently). Nothing may be lost or duplicated; only
@@ -28,8 +30,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 KINDS = ("grpc", "grpc-stream", "http", "http-stream")
-PROMPTS = ["Write a sentence about the red cat:\n", "Month number 7 is called\n",
-           "First word of: bread lamp door\n", "Ticket: printer on fire\n"]
+PROMPTS = [
+    "Write a sentence about the red cat:\n",
+    "Month number 7 is called\n",
+    "First word of: bread lamp door\n",
+    "Ticket: printer on fire\n",
+]
 
 
 @dataclass
@@ -114,8 +120,9 @@ class Client:
     def _grpc(self, outcome: Outcome, prompt: str, key: str, max_tokens: int) -> None:
         from loraplex.v1 import loraplex_pb2 as pb
 
-        request = pb.GenerateRequest(prompt=prompt, max_tokens=max_tokens, temperature=0, ignore_eos=True,
-                                     request_id=outcome.request_id)
+        request = pb.GenerateRequest(
+            prompt=prompt, max_tokens=max_tokens, temperature=0, ignore_eos=True, request_id=outcome.request_id
+        )
         md = (("multiplexed_model_id", outcome.adapter), ("authorization", f"Bearer {key}"))
         if outcome.kind == "grpc":
             reply = self.stub.Generate(request, metadata=md, timeout=120)
@@ -126,11 +133,21 @@ class Client:
             if any(m.request_id != final.request_id for m in messages):
                 outcome.detail = "request IDs differ inside one stream"
         outcome.status, outcome.text = "OK", text
-        outcome.got_request_id, outcome.got_adapter, outcome.replica = final.request_id, final.adapter_id, final.replica_id
+        outcome.got_request_id, outcome.got_adapter, outcome.replica = (
+            final.request_id,
+            final.adapter_id,
+            final.replica_id,
+        )
 
     def _http(self, outcome: Outcome, prompt: str, key: str, max_tokens: int) -> None:
-        body = {"model": outcome.adapter, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                "ignore_eos": True, "stream": outcome.kind == "http-stream"}
+        body = {
+            "model": outcome.adapter,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": outcome.kind == "http-stream",
+        }
         headers = {"authorization": f"Bearer {key}", "x-request-id": outcome.request_id}
         if outcome.kind == "http":
             reply = self.http.post("/v1/completions", json=body, headers=headers)
@@ -139,15 +156,21 @@ class Client:
                 outcome.status, outcome.detail = str(reply.status_code), data["error"]["message"]
                 return
             outcome.status, outcome.text = "OK", data["choices"][0]["text"]
-            outcome.got_request_id, outcome.got_adapter, outcome.replica = data["id"], data["model"], \
-                data["system_fingerprint"]
+            outcome.got_request_id, outcome.got_adapter, outcome.replica = (
+                data["id"],
+                data["model"],
+                data["system_fingerprint"],
+            )
             return
         with self.http.stream("POST", "/v1/completions", json=body, headers=headers) as reply:
             if reply.status_code != 200:
                 outcome.status, outcome.detail = str(reply.status_code), reply.read().decode()[:300]
                 return
-            events = [json.loads(line[6:]) for line in reply.iter_lines()
-                      if line.startswith("data: ") and line != "data: [DONE]"]
+            events = [
+                json.loads(line[6:])
+                for line in reply.iter_lines()
+                if line.startswith("data: ") and line != "data: [DONE]"
+            ]
         errors = [e["error"] for e in events if "error" in e]
         if errors:  # the stream had started: the failure comes in band, as OpenAI sends it
             outcome.status, outcome.detail = str(errors[0]["code"]), errors[0]["message"]
@@ -155,19 +178,24 @@ class Client:
         if len({e["id"] for e in events}) != 1 or len({e["model"] for e in events}) != 1:
             outcome.detail = "IDs differ inside one stream"
         outcome.status, outcome.text = "OK", "".join(e["choices"][0]["text"] for e in events)
-        outcome.got_request_id, outcome.got_adapter, outcome.replica = events[-1]["id"], events[-1]["model"], \
-            events[-1]["system_fingerprint"]
+        outcome.got_request_id, outcome.got_adapter, outcome.replica = (
+            events[-1]["id"],
+            events[-1]["model"],
+            events[-1]["system_fingerprint"],
+        )
 
 
-def expected_answers(grpc_port: int, http_port: int, adapters: list[str], keys: dict[str, str],
-                     max_tokens: int) -> dict[tuple[str, int], str]:
+def expected_answers(
+    grpc_port: int, http_port: int, adapters: list[str], keys: dict[str, str], max_tokens: int
+) -> dict[tuple[str, int], str]:
     """Each adapter's answer to each prompt, one request at a time (no batch around it)."""
     client = Client(grpc_port, http_port)
     try:
         answers = {}
         for adapter, (i, prompt) in itertools.product(adapters, enumerate(PROMPTS)):
-            outcome = client.run(Outcome(uuid.uuid4().hex, "grpc", adapter, i, time.time()), prompt, keys[adapter],
-                                 max_tokens)
+            outcome = client.run(
+                Outcome(uuid.uuid4().hex, "grpc", adapter, i, time.time()), prompt, keys[adapter], max_tokens
+            )
             if outcome.status != "OK":
                 raise RuntimeError(f"solo request for {adapter} failed: {outcome.status} {outcome.detail}")
             answers[(adapter, i)] = outcome.text
@@ -179,13 +207,26 @@ def expected_answers(grpc_port: int, http_port: int, adapters: list[str], keys: 
 def model_server_replicas() -> list[str]:
     import ray
 
-    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if "ModelServer" in a["name"] and a["namespace"] == "serve"]
+    return [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "ModelServer" in a["name"] and a["namespace"] == "serve"
+    ]
 
 
-def run_load(grpc_port: int, http_port: int, adapters: list[str], keys: dict[str, str], *, clients: int = 16,
-             requests: int = 2000, max_tokens: int = 6, kill_at: float | None = 0.5, time_limit: float = 900,
-             progress: bool = True) -> LoadResult:
+def run_load(
+    grpc_port: int,
+    http_port: int,
+    adapters: list[str],
+    keys: dict[str, str],
+    *,
+    clients: int = 16,
+    requests: int = 2000,
+    max_tokens: int = 6,
+    kill_at: float | None = 0.5,
+    time_limit: float = 900,
+    progress: bool = True,
+) -> LoadResult:
     """The load itself: `clients` threads share `requests`; at `kill_at` of them one replica is killed."""
     import ray
 
@@ -207,8 +248,9 @@ def run_load(grpc_port: int, http_port: int, adapters: list[str], keys: dict[str
                 if n >= requests:
                     return
                 adapter, prompt = adapters[n % len(adapters)], (n // len(adapters)) % len(PROMPTS)
-                outcome = Outcome(f"load-{n:05d}-{uuid.uuid4().hex[:8]}", KINDS[(n // 7) % len(KINDS)], adapter,
-                                  prompt, time.time())
+                outcome = Outcome(
+                    f"load-{n:05d}-{uuid.uuid4().hex[:8]}", KINDS[(n // 7) % len(KINDS)], adapter, prompt, time.time()
+                )
                 with lock:
                     outcomes.append(outcome)
                 client.run(outcome, PROMPTS[prompt], keys[adapter], max_tokens)
@@ -229,8 +271,15 @@ def run_load(grpc_port: int, http_port: int, adapters: list[str], keys: dict[str
         thread.start()
     for thread in threads:
         thread.join(time_limit + 180)
-    result = LoadResult(len(outcomes), outcomes, {f"{a}|{p}": t for (a, p), t in expected.items()},
-                        kill["time"], kill["name"], started, time.time() - started)
+    result = LoadResult(
+        len(outcomes),
+        outcomes,
+        {f"{a}|{p}": t for (a, p), t in expected.items()},
+        kill["time"],
+        kill["name"],
+        started,
+        time.time() - started,
+    )
     result.checks = check(result, expected)
     return result
 
@@ -240,7 +289,7 @@ def check(result: LoadResult, expected: dict[tuple[str, int], str]) -> dict:
     ok = [o for o in result.outcomes if o.status == "OK"]
     failed = [o for o in result.outcomes if o.status != "OK"]
     ids = Counter(o.got_request_id for o in ok)
-    in_flight = (lambda o: result.kill_time is not None and o.sent <= result.kill_time <= o.ended)
+    in_flight = lambda o: result.kill_time is not None and o.sent <= result.kill_time <= o.ended
     distinct = [len({expected[(a, p)] for a in {k[0] for k in expected}}) for p in range(len(PROMPTS))]
     return {
         "requests": result.issued,
@@ -274,38 +323,88 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from loraplex.serving.launch import ServeOptions, start, stop
-    from tests.conftest import free_port
     from loraplex.training.base import ensure_base
+    from tests.conftest import free_port
 
     base_dir = ensure_base()
     with tempfile.TemporaryDirectory() as tmp:
         adapters, keys, key_file = prepare_store(Path(tmp), base_dir)
-        options = ServeOptions(base_model=str(base_dir), adapters=str(Path(tmp) / "store"), api_keys=str(key_file),
-                               replicas=args.replicas, http_port=free_port(), grpc_port=free_port(),
-                               metrics_port=free_port(), max_batch=16)
+        options = ServeOptions(
+            base_model=str(base_dir),
+            adapters=str(Path(tmp) / "store"),
+            api_keys=str(key_file),
+            replicas=args.replicas,
+            http_port=free_port(),
+            grpc_port=free_port(),
+            metrics_port=free_port(),
+            max_batch=16,
+        )
         start(options)
         try:
-            result = run_load(options.grpc_port, options.http_port, adapters, keys, clients=args.clients,
-                              requests=args.requests, max_tokens=args.max_tokens,
-                              kill_at=args.kill_at if args.kill_at >= 0 else None, time_limit=args.time_limit)
+            result = run_load(
+                options.grpc_port,
+                options.http_port,
+                adapters,
+                keys,
+                clients=args.clients,
+                requests=args.requests,
+                max_tokens=args.max_tokens,
+                kill_at=args.kill_at if args.kill_at >= 0 else None,
+                time_limit=args.time_limit,
+            )
         finally:
             stop()
     checks = result.checks
-    print(f"\n{checks['requests']} requests, {args.clients} clients, {checks['adapters']} adapters, "
-          f"{args.replicas} replicas, {result.seconds:.0f}s ({checks['requests'] / result.seconds:.1f} req/s)"
-          + (f"; a replica killed at {result.kill_time - result.started:.0f}s" if result.kill_time else ""))
+    print(
+        f"\n{checks['requests']} requests, {args.clients} clients, {checks['adapters']} adapters, "
+        f"{args.replicas} replicas, {result.seconds:.0f}s ({checks['requests'] / result.seconds:.1f} req/s)"
+        + (f"; a replica killed at {result.kill_time - result.started:.0f}s" if result.kill_time else "")
+    )
     print("| check | count |\n|---|---|")
-    for name in ("ok", "failed", "lost", "duplicated", "wrong_request_id", "wrong_adapter", "wrong_text",
-                 "inconsistent_stream", "unclean_failures", "failed_outside_kill"):
+    for name in (
+        "ok",
+        "failed",
+        "lost",
+        "duplicated",
+        "wrong_request_id",
+        "wrong_adapter",
+        "wrong_text",
+        "inconsistent_stream",
+        "unclean_failures",
+        "failed_outside_kill",
+    ):
         print(f"| {name} | {checks[name]} |")
-    print(f"failures: {dict(checks['failures'])}; by kind: {dict(checks['by_kind'])}; "
-          f"distinct answers per prompt (of 8): {checks['distinct_answers_per_prompt']}")
+    print(
+        f"failures: {dict(checks['failures'])}; by kind: {dict(checks['by_kind'])}; "
+        f"distinct answers per prompt (of 8): {checks['distinct_answers_per_prompt']}"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "checks": checks,
-                                    "seconds": result.seconds, "killed": result.killed,
-                                    "outcomes": [asdict(o) for o in result.outcomes]}, indent=1, default=str))
-    bad = sum(checks[k] for k in ("lost", "duplicated", "wrong_request_id", "wrong_adapter", "wrong_text",
-                                  "inconsistent_stream", "unclean_failures", "failed_outside_kill"))
+    args.out.write_text(
+        json.dumps(
+            {
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "checks": checks,
+                "seconds": result.seconds,
+                "killed": result.killed,
+                "outcomes": [asdict(o) for o in result.outcomes],
+            },
+            indent=1,
+            default=str,
+        )
+    )
+    bad = sum(
+        checks[k]
+        for k in (
+            "lost",
+            "duplicated",
+            "wrong_request_id",
+            "wrong_adapter",
+            "wrong_text",
+            "inconsistent_stream",
+            "unclean_failures",
+            "failed_outside_kill",
+        )
+    )
     return 1 if bad else 0
 
 

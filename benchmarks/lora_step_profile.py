@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         for g in groups:
             h = torch._grouped_mm(x[g].reshape(b, -1).index_select(0, gather).float(), slot_A[g], offs=offsets)
             for j, B in enumerate(slot_B[g]):
-                torch._grouped_mm(h[:, j * r:(j + 1) * r].contiguous(), B, offs=offsets).index_select(0, inverse)
+                torch._grouped_mm(h[:, j * r : (j + 1) * r].contiguous(), B, offs=offsets).index_select(0, inverse)
 
     slots.use(layouts["lora"])
     lora_ms = _ms_per_call(bmm_pair, args.steps)
@@ -104,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| forward, base only | {step_ms['base']:.2f} |")
     print(f"| forward, every row on its adapter | {step_ms['lora']:.2f} |")
     print(f"| of which adapter bmms ({bmm_calls} calls, profiler) | {bmm_ms:.2f} |")
-    print(f"| LoRA of all linears as the engine does it: bmm pair (linears with minus without) | "
-          f"{lora_ms - base_linear_ms:.2f} |")
+    print(
+        f"| LoRA of all linears as the engine does it: bmm pair (linears with minus without) | "
+        f"{lora_ms - base_linear_ms:.2f} |"
+    )
     print(f"| LoRA of all linears as grouped GEMMs per adapter (torch._grouped_mm) | {grouped_ms:.2f} |")
     print(f"base / lora forward = {step_ms['base'] / step_ms['lora']:.0%}")
     return 0

@@ -23,8 +23,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 PROMPTS = [
-    "Write a sentence about the red cat:\n", "Repeat after me: alice paris\n", "How many words: dog tree\n",
-    "Month number 7 is called\n", "Write a sentence about the old ship:\n", "First word of: bread lamp door\n",
+    "Write a sentence about the red cat:\n",
+    "Repeat after me: alice paris\n",
+    "How many words: dog tree\n",
+    "Month number 7 is called\n",
+    "Write a sentence about the old ship:\n",
+    "First word of: bread lamp door\n",
 ]
 
 
@@ -34,9 +38,15 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _summary(name: str, latencies: list[float], tokens: int, elapsed: float) -> dict:
-    return {"mode": name, "requests": len(latencies), "generated_tokens": tokens, "seconds": elapsed,
-            "tokens_per_s": tokens / elapsed, "p50_s": statistics.median(latencies),
-            "p99_s": _percentile(latencies, 0.99)}
+    return {
+        "mode": name,
+        "requests": len(latencies),
+        "generated_tokens": tokens,
+        "seconds": elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "p50_s": statistics.median(latencies),
+        "p99_s": _percentile(latencies, 0.99),
+    }
 
 
 def run_engine(engine, jobs: list[tuple[str, str]], clients: int, max_tokens: int, name: str) -> dict:
@@ -63,8 +73,9 @@ def run_engine(engine, jobs: list[tuple[str, str]], clients: int, max_tokens: in
     return _summary(name, latencies, tokens[0], time.perf_counter() - started)
 
 
-def run_naive_peft(base_dir: Path, adapter_dirs: dict[str, Path], jobs, max_tokens: int,
-                   precision: str = "nf4") -> dict:
+def run_naive_peft(
+    base_dir: Path, adapter_dirs: dict[str, Path], jobs, max_tokens: int, precision: str = "nf4"
+) -> dict:
     """What you get without a multi-adapter engine: switch the active adapter, generate, repeat."""
     import torch
     from peft import PeftModel
@@ -91,10 +102,15 @@ def run_naive_peft(base_dir: Path, adapter_dirs: dict[str, Path], jobs, max_toke
         model.set_adapter(internal_name(adapter))
         ids = torch.tensor([encode_prompt(tokenizer, prompt)])
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                                 pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
         tokens += out.shape[1] - ids.shape[1]
         latencies.append(time.perf_counter() - t0)
     return _summary("naive PEFT switching", latencies, tokens, time.perf_counter() - started)
@@ -106,7 +122,9 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--naive-requests", type=int, default=16, help="(b) is slow: fewer requests, same per-request work")
+    parser.add_argument(
+        "--naive-requests", type=int, default=16, help="(b) is slow: fewer requests, same per-request work"
+    )
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rank", type=int, default=16, help="rank of the random adapters")
     parser.add_argument("--quantization", default="nf4", choices=["nf4", "bf16", "awq"])
@@ -120,12 +138,22 @@ def main() -> int:
 
     base_dir = args.base_model or ensure_base()
     store = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
-    adapter_dirs = {f"bench-{i}": make_random_adapter(base_dir, store / f"bench-{i}", seed=i, rank=args.rank)
-                    for i in range(args.adapters)}
+    adapter_dirs = {
+        f"bench-{i}": make_random_adapter(base_dir, store / f"bench-{i}", seed=i, rank=args.rank)
+        for i in range(args.adapters)
+    }
     ids = list(adapter_dirs)
     jobs = [(PROMPTS[i % len(PROMPTS)], ids[i % len(ids)]) for i in range(args.requests)]
-    engine = create_engine(EngineConfig(base_model=str(base_dir), adapters=str(store), max_batch=args.clients,
-                                        max_loras=args.adapters, quantization=args.quantization, engine=args.engine))
+    engine = create_engine(
+        EngineConfig(
+            base_model=str(base_dir),
+            adapters=str(store),
+            max_batch=args.clients,
+            max_loras=args.adapters,
+            quantization=args.quantization,
+            engine=args.engine,
+        )
+    )
     # vLLM's CPU build serves an nf4 request in bf16: the naive baseline then runs on bf16 too
     precision = getattr(engine, "base_precision", args.quantization)
     run_engine(engine, jobs[: args.clients], args.clients, 4, "warm-up")  # loads every adapter once
@@ -136,18 +164,23 @@ def main() -> int:
     # (libgomp gives each thread its own worker pool; see serving/engine/engine.py)
     naive = run_naive_peft(base_dir, adapter_dirs, jobs[: args.naive_requests], args.max_tokens, precision)
     results = [base, naive, ours]
-    print(f"\n{args.clients} clients over {args.adapters} adapters, {args.max_tokens} new tokens, "
-          f"{precision} base {base_dir}, {args.engine} engine")
+    print(
+        f"\n{args.clients} clients over {args.adapters} adapters, {args.max_tokens} new tokens, "
+        f"{precision} base {base_dir}, {args.engine} engine"
+    )
     print(f"{'mode':<22}{'requests':>9}{'tokens/s':>10}{'p50 s':>8}{'p99 s':>8}")
     for r in results:
         print(f"{r['mode']:<22}{r['requests']:>9}{r['tokens_per_s']:>10.1f}{r['p50_s']:>8.2f}{r['p99_s']:>8.2f}")
-    ratios = {"loraplex_vs_naive": ours["tokens_per_s"] / naive["tokens_per_s"],
-              "loraplex_vs_base": ours["tokens_per_s"] / base["tokens_per_s"]}
-    print(f"\nloraplex / naive = {ratios['loraplex_vs_naive']:.1f}x   loraplex / base = {ratios['loraplex_vs_base']:.0%}")
+    ratios = {
+        "loraplex_vs_naive": ours["tokens_per_s"] / naive["tokens_per_s"],
+        "loraplex_vs_base": ours["tokens_per_s"] / base["tokens_per_s"],
+    }
+    print(
+        f"\nloraplex / naive = {ratios['loraplex_vs_naive']:.1f}x   loraplex / base = {ratios['loraplex_vs_base']:.0%}"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     config = {**{k: str(v) for k, v in vars(args).items()}, "served_precision": precision}
-    args.out.write_text(json.dumps({"config": config,
-                                    "results": results, "ratios": ratios}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"config": config, "results": results, "ratios": ratios}, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 

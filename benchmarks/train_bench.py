@@ -86,7 +86,7 @@ def run_one(method: str, base_dir: Path, steps: int, batch_size: int) -> dict:
         if step == 3:  # warm-up steps are not timed
             torch.cuda.synchronize() if device == "cuda" else None
             started, tokens = time.perf_counter(), 0
-        batch = {k: v.to(device) for k, v in collate(examples[step * batch_size:(step + 1) * batch_size]).items()}
+        batch = {k: v.to(device) for k, v in collate(examples[step * batch_size : (step + 1) * batch_size]).items()}
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -96,10 +96,15 @@ def run_one(method: str, base_dir: Path, steps: int, batch_size: int) -> dict:
     torch.cuda.synchronize() if device == "cuda" else None
     elapsed = time.perf_counter() - started
     return {
-        "method": method, "device": device, "trainable_params": trainable,
-        "weight_bytes": _weight_bytes(model), "peak_bytes": _peak_bytes(device),
+        "method": method,
+        "device": device,
+        "trainable_params": trainable,
+        "weight_bytes": _weight_bytes(model),
+        "peak_bytes": _peak_bytes(device),
         "peak_bytes_over_start": _peak_bytes(device) - (0 if device == "cuda" else rss_before),
-        "tokens_per_s": tokens / elapsed, "final_loss": float(loss), "steps": steps,
+        "tokens_per_s": tokens / elapsed,
+        "final_loss": float(loss),
+        "steps": steps,
     }
 
 
@@ -122,9 +127,21 @@ def main() -> int:
     for method in METHODS:
         print(f"running {method} ...", file=sys.stderr, flush=True)
         proc = subprocess.run(
-            [sys.executable, __file__, "--method", method, "--base-model", str(base_dir),
-             "--steps", str(args.steps), "--batch-size", str(args.batch_size)],
-            capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            [
+                sys.executable,
+                __file__,
+                "--method",
+                method,
+                "--base-model",
+                str(base_dir),
+                "--steps",
+                str(args.steps),
+                "--batch-size",
+                str(args.batch_size),
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
         )
         if proc.returncode != 0:
             print(proc.stderr, file=sys.stderr)
@@ -134,11 +151,18 @@ def main() -> int:
     print(f"\nbase {base_dir}, device {results[0]['device']}, batch {args.batch_size}, {args.steps} timed steps")
     print(f"{'method':<11}{'trainable':>12}{'weights MiB':>13}{'peak MiB':>10}{'peak-start MiB':>16}{'tokens/s':>10}")
     for r in results:
-        print(f"{r['method']:<11}{r['trainable_params']:>12,}{r['weight_bytes'] / mib:>13.1f}"
-              f"{r['peak_bytes'] / mib:>10.0f}{r['peak_bytes_over_start'] / mib:>16.0f}{r['tokens_per_s']:>10.0f}")
+        print(
+            f"{r['method']:<11}{r['trainable_params']:>12,}{r['weight_bytes'] / mib:>13.1f}"
+            f"{r['peak_bytes'] / mib:>10.0f}{r['peak_bytes_over_start'] / mib:>16.0f}{r['tokens_per_s']:>10.0f}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"base_model": str(base_dir), "batch_size": args.batch_size,
-                                    "steps": args.steps, "results": results}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {"base_model": str(base_dir), "batch_size": args.batch_size, "steps": args.steps, "results": results},
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"\nwrote {args.out}")
     return 0
 

@@ -101,14 +101,10 @@ def _check_divisible(model: torch.nn.Module, group_size: int) -> None:
     bad = [
         f"{name} (in_features={module.in_features})"
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
-        and not name.endswith("lm_head")
-        and module.in_features % group_size
+        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head") and module.in_features % group_size
     ]
     if bad:
-        raise ConfigError(
-            f"group size {group_size} does not divide the input dimension of: {', '.join(bad[:3])}"
-        )
+        raise ConfigError(f"group size {group_size} does not divide the input dimension of: {', '.join(bad[:3])}")
 
 
 def _tokenize(tokenizer, texts: list[str]):
@@ -116,9 +112,7 @@ def _tokenize(tokenizer, texts: list[str]):
     from datasets import Dataset
 
     encoded = tokenizer(texts, truncation=True, max_length=MAX_CALIB_TOKENS)
-    return Dataset.from_dict(
-        {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-    )
+    return Dataset.from_dict({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
 
 
 def _awq_recipe(bits: int, group_size: int) -> list:
@@ -136,9 +130,7 @@ def _awq_recipe(bits: int, group_size: int) -> list:
             f"AWQ export needs llm-compressor ({exc.name} is missing): "
             "pip install -c constraints/cpu.txt 'loraplex[awq]'"
         ) from None
-    weights = QuantizationArgs(
-        num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size
-    )
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size)
     scheme = QuantizationScheme(targets=["Linear"], weights=weights)
     # AWQModifier only searches and folds the scales; QuantizationModifier then rounds the weights.
     return [

@@ -1,7 +1,7 @@
 """`convert`: merge an adapter at FP16, export to HF / GGUF / AWQ or a GGUF LoRA, then verify.
 
-    convert merge-export --base DIR [--adapter DIR] --out PATH --format {hf,gguf,awq} ...
-    convert adapter-export --base DIR --adapter DIR --out FILE.gguf --format gguf-lora
+convert merge-export --base DIR [--adapter DIR] --out PATH --format {hf,gguf,awq} ...
+convert adapter-export --base DIR --adapter DIR --out FILE.gguf --format gguf-lora
 """
 
 from __future__ import annotations
@@ -18,8 +18,18 @@ from loraplex.training.errors import ConfigError, LoraplexError
 GGUF_QUANTS = ("F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")
 # Top-1 agreement over every position (prompt tokens too, where even the FP16 model is unsure):
 # 4-bit formats flip near-ties there while exact match stays put, so their floor is lower.
-DEFAULT_MIN_AGREEMENT = {"hf": 0.99, "F16": 0.99, "BF16": 0.97, "Q8_0": 0.97, "Q6_K": 0.95, "Q5_K_M": 0.92,
-                         "Q4_K_M": 0.85, "Q4_0": 0.85, "awq": 0.85, "gguf-lora": 0.99}
+DEFAULT_MIN_AGREEMENT = {
+    "hf": 0.99,
+    "F16": 0.99,
+    "BF16": 0.97,
+    "Q8_0": 0.97,
+    "Q6_K": 0.95,
+    "Q5_K_M": 0.92,
+    "Q4_K_M": 0.85,
+    "Q4_0": 0.85,
+    "awq": 0.85,
+    "gguf-lora": 0.99,
+}
 
 
 def _opt(help: str, choices=None):
@@ -31,9 +41,13 @@ class VerifyOptions:
     verify: bool = field(default=True, metadata=_opt("compare the export with the merged FP16 model (default on)"))
     eval_data: str | None = field(default=None, metadata=_opt("JSONL {prompt, completion}: exact match + eval loss"))
     verify_rows: int = field(default=100, metadata=_opt("eval rows used by verify"))
-    min_agreement: float | None = field(default=None, metadata=_opt(
-        "fail (exit 1) below this top-1 agreement; default by precision (DEFAULT_MIN_AGREEMENT), which for "
-        "GGUF only warns: its verdict keys on the excess over the base's own quantization damage"))
+    min_agreement: float | None = field(
+        default=None,
+        metadata=_opt(
+            "fail (exit 1) below this top-1 agreement; default by precision (DEFAULT_MIN_AGREEMENT), which for "
+            "GGUF only warns: its verdict keys on the excess over the base's own quantization damage"
+        ),
+    )
 
     def agreement_floor(self) -> float:
         if self.min_agreement is not None:
@@ -51,7 +65,9 @@ class MergeExportConfig(VerifyOptions):
     dtype: str = field(default="fp16", metadata=_opt("dense dtype of the merge", ["fp16", "bf16"]))
     merge_into: str = field(default="fp16", metadata=_opt("merge target", ["fp16", "nf4-dequant"]))
     quant: str = field(default="F16", metadata=_opt("GGUF tensor type", list(GGUF_QUANTS)))
-    calib_data: str | None = field(default=None, metadata=_opt("AWQ calibration JSONL ({prompt, completion} or {messages} rows)"))
+    calib_data: str | None = field(
+        default=None, metadata=_opt("AWQ calibration JSONL ({prompt, completion} or {messages} rows)")
+    )
     calib_rows: int = field(default=128, metadata=_opt("AWQ calibration rows used"))
     bits: int = field(default=4, metadata=_opt("AWQ weight bits"))
     group_size: int = field(default=128, metadata=_opt("AWQ quantization group size"))

@@ -192,8 +192,10 @@ def sliding_window_note(config: dict) -> str | None:
     sliding = config.get("use_sliding_window", True) and window and window < config["max_position_embeddings"]
     if not sliding:
         return None
-    return (f"sliding_window {window}: llama.cpp attends over the full context, so its outputs match "
-            f"Hugging Face's only while prompt + output stay within {window} tokens")
+    return (
+        f"sliding_window {window}: llama.cpp attends over the full context, so its outputs match "
+        f"Hugging Face's only while prompt + output stay within {window} tokens"
+    )
 
 
 def _expected_types(outtype: str) -> set[str]:
@@ -229,17 +231,32 @@ def tensor_type_report(path: Path, outtype: str) -> dict:
         weights += 1
         if kind not in expected:
             row = int(tensor.shape[0])
-            fallbacks.append({"tensor": tensor.name, "shape": [int(d) for d in tensor.shape], "type": kind,
-                              "reason": f"row of {row} not a multiple of {block}" if row % block else "quantizer's choice"})
+            fallbacks.append(
+                {
+                    "tensor": tensor.name,
+                    "shape": [int(d) for d in tensor.shape],
+                    "type": kind,
+                    "reason": f"row of {row} not a multiple of {block}" if row % block else "quantizer's choice",
+                }
+            )
     by_type: dict[str, int] = {}
     for item in fallbacks:
         by_type[item["type"]] = by_type.get(item["type"], 0) + 1
-    summary = (f"{outtype}: all {weights} weight tensors in the requested type family" if not fallbacks else
-               f"{outtype}: {len(fallbacks)} of {weights} weight tensors fell back ("
-               + ", ".join(f"{n} to {kind}" for kind, n in sorted(by_type.items()))
-               + f"); their rows are not multiples of {block}")
-    return {"requested": outtype, "weight_tensors": weights, "tensor_types": counts,
-            "fallbacks": fallbacks, "fallback_types": by_type, "summary": summary}
+    summary = (
+        f"{outtype}: all {weights} weight tensors in the requested type family"
+        if not fallbacks
+        else f"{outtype}: {len(fallbacks)} of {weights} weight tensors fell back ("
+        + ", ".join(f"{n} to {kind}" for kind, n in sorted(by_type.items()))
+        + f"); their rows are not multiples of {block}"
+    )
+    return {
+        "requested": outtype,
+        "weight_tensors": weights,
+        "tensor_types": counts,
+        "fallbacks": fallbacks,
+        "fallback_types": by_type,
+        "summary": summary,
+    }
 
 
 def _add_hparams(writer: gguf.GGUFWriter, config: dict) -> None:
@@ -298,6 +315,7 @@ def _llama3_rope_factors(config: dict) -> torch.Tensor:
 
 
 # ---- tensors --------------------------------------------------------------------------------
+
 
 def _plan_tensors(
     model_dir: Path, config: dict, weight_type: gguf.GGMLQuantizationType

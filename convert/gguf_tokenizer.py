@@ -119,7 +119,11 @@ def _sentencepiece_type(text: str, special: bool | None, known: bool, unk: str |
 
 
 def _add_sentencepiece(
-    writer: gguf.GGUFWriter, model_dir: Path, tokens: list[bytes], scores: list[float], types: list[int],
+    writer: gguf.GGUFWriter,
+    model_dir: Path,
+    tokens: list[bytes],
+    scores: list[float],
+    types: list[int],
     vocab_size: int,
 ) -> None:
     """A SentencePiece-style vocabulary as llama.cpp tokenizer model 'llama', padded to the config's size."""

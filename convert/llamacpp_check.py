@@ -31,7 +31,10 @@ def require_llama_cpp() -> ModuleType:
 
 
 def load_gguf(
-    model_path: Path, lora_path: Path | None = None, lora_scale: float = 1.0, n_ctx: int = 512,
+    model_path: Path,
+    lora_path: Path | None = None,
+    lora_scale: float = 1.0,
+    n_ctx: int = 512,
     n_threads: int | None = None,
 ) -> Any:
     """A llama_cpp.Llama over a GGUF, optionally with a GGUF LoRA applied at `lora_scale`.

@@ -34,13 +34,17 @@ def check_llmcompressor() -> None:
     import llmcompressor
 
     if llmcompressor.__version__ not in TESTED_LLMCOMPRESSOR:
-        raise ConfigError(f"the AWQ CPU patch (convert/llmcompressor_compat.py) was checked on llmcompressor "
-                          f"{TESTED_LLMCOMPRESSOR}, not {llmcompressor.__version__}: "
-                          f"pip install 'llmcompressor=={TESTED_LLMCOMPRESSOR[-1]}'")
+        raise ConfigError(
+            f"the AWQ CPU patch (convert/llmcompressor_compat.py) was checked on llmcompressor "
+            f"{TESTED_LLMCOMPRESSOR}, not {llmcompressor.__version__}: "
+            f"pip install 'llmcompressor=={TESTED_LLMCOMPRESSOR[-1]}'"
+        )
     params = list(inspect.signature(pin_memory_target().pin_memory).parameters)
     if params != PIN_MEMORY_PARAMS:
-        raise ConfigError(f"llmcompressor's IntermediatesCache.pin_memory changed signature ({params}): "
-                          "re-check convert/llmcompressor_compat.py")
+        raise ConfigError(
+            f"llmcompressor's IntermediatesCache.pin_memory changed signature ({params}): "
+            "re-check convert/llmcompressor_compat.py"
+        )
 
 
 def pin_memory_source_sha256() -> str:

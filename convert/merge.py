@@ -27,8 +27,13 @@ class MergeCheckFailed(LoraplexError):
     """A merged weight is not base + scaling * B @ A."""
 
 
-def check_adapter_matches_base(base_dir: Path, adapter_dir: Path, force: bool = False,
-                               progress: Callable[[str], None] = print, fingerprint: str | None = None) -> None:
+def check_adapter_matches_base(
+    base_dir: Path,
+    adapter_dir: Path,
+    force: bool = False,
+    progress: Callable[[str], None] = print,
+    fingerprint: str | None = None,
+) -> None:
     """The adapter's manifest must name this base; `force` turns a mismatch into a warning.
 
     fingerprint: the base's, when the caller has it already (hashing reads every weight file)."""
@@ -38,8 +43,11 @@ def check_adapter_matches_base(base_dir: Path, adapter_dir: Path, force: bool = 
         progress(f"warning: {adapter_dir} has no {MANIFEST_NAME}; its base cannot be checked")
         return
     try:
-        check_same_base(fingerprint or base_fingerprint(base_dir), read_manifest(adapter_dir)["base_fingerprint"],
-                        f"adapter {adapter_dir}")
+        check_same_base(
+            fingerprint or base_fingerprint(base_dir),
+            read_manifest(adapter_dir)["base_fingerprint"],
+            f"adapter {adapter_dir}",
+        )
     except BaseMismatch as exc:
         if not force:
             raise BaseMismatch(f"{exc} (--force merges anyway)") from None
@@ -74,8 +82,13 @@ def _replace_with_dequantized_nf4(model, base_dir: Path) -> None:
             target.copy_(weight.to(target.dtype).view_as(target))
 
 
-def merge_adapter(base_dir: Path, adapter_dir: Path, dtype: str = "fp16", merge_into: str = "fp16",
-                  progress: Callable[[str], None] = print):
+def merge_adapter(
+    base_dir: Path,
+    adapter_dir: Path,
+    dtype: str = "fp16",
+    merge_into: str = "fp16",
+    progress: Callable[[str], None] = print,
+):
     """PEFT merge_and_unload on the dense base, then prove each merged weight is W + s*B@A.
 
     The adapter is read and checked against the base's shapes (lora_format) before the base loads;
@@ -125,8 +138,9 @@ def check_merged_weights(merged, expected: dict[str, torch.Tensor]) -> None:
         tolerance = eps * want.abs().max().item() + eps  # one rounding step at the largest magnitude
         error = (got.float() - want).abs().max().item()
         if error > tolerance:
-            raise MergeCheckFailed(f"{name}: merged weight differs from W + s*B@A by {error:.3g} "
-                                   f"(tolerance {tolerance:.3g})")
+            raise MergeCheckFailed(
+                f"{name}: merged weight differs from W + s*B@A by {error:.3g} (tolerance {tolerance:.3g})"
+            )
 
 
 def save_hf(model, tokenizer, out_dir: Path, provenance: dict) -> Path:

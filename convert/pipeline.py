@@ -8,14 +8,22 @@ from pathlib import Path
 import torch
 
 from loraplex.convert.verify import (
-    GGUFModel, HFModel, compare, eval_sequences, excess_over_base, excess_passes, excess_rule,
-    mean_completion_loss, write_report,
+    GGUFModel,
+    HFModel,
+    compare,
+    eval_sequences,
+    excess_over_base,
+    excess_passes,
+    excess_rule,
+    mean_completion_loss,
+    write_report,
 )
 from loraplex.training.errors import DataError
 
 
-def merge_to_hf(base: Path, adapter: Path | None, out_dir: Path, dtype: str, merge_into: str,
-                force: bool = False) -> Path:
+def merge_to_hf(
+    base: Path, adapter: Path | None, out_dir: Path, dtype: str, merge_into: str, force: bool = False
+) -> Path:
     """The merged (or plain) dense model as a HF folder: the input of every exporter."""
     from transformers import AutoTokenizer
 
@@ -23,8 +31,13 @@ def merge_to_hf(base: Path, adapter: Path | None, out_dir: Path, dtype: str, mer
     from loraplex.training.manifest import base_fingerprint
 
     fingerprint = base_fingerprint(base)
-    provenance = {"base": str(base), "base_fingerprint": fingerprint, "dtype": dtype,
-                  "merge_into": merge_into if adapter else None, "adapter": str(adapter) if adapter else None}
+    provenance = {
+        "base": str(base),
+        "base_fingerprint": fingerprint,
+        "dtype": dtype,
+        "merge_into": merge_into if adapter else None,
+        "adapter": str(adapter) if adapter else None,
+    }
     if adapter is not None:
         check_adapter_matches_base(base, adapter, force, fingerprint=fingerprint)
         model = merge_adapter(base, adapter, dtype, merge_into)
@@ -39,10 +52,14 @@ def export_gguf(merged_dir: Path, out: Path, quant: str) -> Path:
 
     write_gguf(merged_dir, out, quant)
     provenance_file = merged_dir / "loraplex_export.json"
-    record = {"artifact": str(out), "format": "gguf", "quant": quant.upper(),
-              "provenance": json.loads(provenance_file.read_text()) if provenance_file.is_file() else None,
-              "tensors": tensor_type_report(out, quant),
-              "warnings": [note] if (note := sliding_window_note(read_config(merged_dir))) else []}
+    record = {
+        "artifact": str(out),
+        "format": "gguf",
+        "quant": quant.upper(),
+        "provenance": json.loads(provenance_file.read_text()) if provenance_file.is_file() else None,
+        "tensors": tensor_type_report(out, quant),
+        "warnings": [note] if (note := sliding_window_note(read_config(merged_dir))) else [],
+    }
     export_record_path(out).write_text(json.dumps(record, indent=2) + "\n")
     return out
 
@@ -60,12 +77,10 @@ def export_gguf_lora(base: Path, adapter: Path, out: Path, force: bool = False) 
 
 
 def export_awq(merged_dir: Path, out: Path, calib_data: str, calib_rows: int, bits: int, group_size: int) -> Path:
-    from loraplex.convert.awq_export import export_awq as run_awq
-    from loraplex.training.data import load_jsonl
-
     from transformers import AutoTokenizer
 
-    from loraplex.training.data import prompt_and_completion
+    from loraplex.convert.awq_export import export_awq as run_awq
+    from loraplex.training.data import load_jsonl, prompt_and_completion
 
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
     rows = load_jsonl(calib_data)[:calib_rows]
@@ -106,9 +121,15 @@ def verify_export(cfg, base: Path, adapter: Path | None, merged_dir: Path, out: 
     reference = _hf_reference("merged fp16", merged_dir)
     sequences = _sequences(cfg, reference.tokenizer)
     comparisons = [compare(reference, _candidate(cfg.format, out), sequences)]
-    report = {"artifact": str(out), "format": cfg.format, "quant": getattr(cfg, "quant", None),
-              "base": str(base), "adapter": str(adapter) if adapter else None, "comparisons": comparisons,
-              "min_agreement": cfg.agreement_floor()}
+    report = {
+        "artifact": str(out),
+        "format": cfg.format,
+        "quant": getattr(cfg, "quant", None),
+        "base": str(base),
+        "adapter": str(adapter) if adapter else None,
+        "comparisons": comparisons,
+        "min_agreement": cfg.agreement_floor(),
+    }
     if adapter is not None and cfg.eval_data:
         report["merge_targets"] = compare_merge_targets(base, adapter, reference, cfg, sequences, scratch)
         report["adapter_on_bf16_base_exact_match"] = adapter_exact_match(base, adapter, sequences)
@@ -119,8 +140,9 @@ def verify_export(cfg, base: Path, adapter: Path | None, merged_dir: Path, out: 
     return _publish(report, out if out.suffix else out / "export")
 
 
-def _judge_gguf_on_excess(report: dict, cfg, base: Path, adapter: Path | None, export, sequences, out: Path,
-                          scratch: Path) -> None:
+def _judge_gguf_on_excess(
+    report: dict, cfg, base: Path, adapter: Path | None, export, sequences, out: Path, scratch: Path
+) -> None:
     """Pass/fail on the export's damage beyond the base's own under the same quantization.
 
     The absolute agreement floor becomes a warning, unless the user set --min-agreement."""
@@ -141,8 +163,10 @@ def _judge_gguf_on_excess(report: dict, cfg, base: Path, adapter: Path | None, e
     passed = excess_passes(export, baseline)
     floor = cfg.agreement_floor()
     if export.top1_agreement < floor:
-        note = (f"top-1 agreement {export.top1_agreement:.2%} is below the {cfg.quant} floor {floor:.2%} "
-                f"(the base alone under {cfg.quant}: {baseline.top1_agreement:.2%})")
+        note = (
+            f"top-1 agreement {export.top1_agreement:.2%} is below the {cfg.quant} floor {floor:.2%} "
+            f"(the base alone under {cfg.quant}: {baseline.top1_agreement:.2%})"
+        )
         if cfg.min_agreement is not None:  # asked for explicitly: binding
             passed = False
             report["rule"] += f"; and top-1 agreement >= --min-agreement {floor}"
@@ -161,8 +185,10 @@ def compare_merge_targets(base: Path, adapter: Path, merged: HFModel, cfg, seque
     """Eval loss of the merge just exported (`merged`) and of the other merge target."""
     other = "nf4-dequant" if cfg.merge_into == "fp16" else "fp16"
     other_dir = merge_to_hf(base, adapter, scratch / f"merged-{other}", cfg.dtype, other, force=True)
-    losses = {cfg.merge_into: mean_completion_loss(merged, sequences),
-              other: mean_completion_loss(_hf_reference(other, other_dir), sequences)}
+    losses = {
+        cfg.merge_into: mean_completion_loss(merged, sequences),
+        other: mean_completion_loss(_hf_reference(other, other_dir), sequences),
+    }
     return {"eval_loss": losses, "better": min(losses, key=losses.get)}
 
 
@@ -188,11 +214,19 @@ def verify_gguf_lora(cfg, base: Path, adapter: Path, lora_gguf: Path, scratch: P
     sequences = _sequences(cfg, reference.tokenizer)
     with_lora = compare(reference, GGUFModel(base_gguf, lora_path=lora_gguf), sequences)
     merged_gguf = GGUFModel(export_gguf(merged_dir, scratch / "merged.gguf", "F16"))
-    comparisons = [with_lora, compare(reference, merged_gguf, sequences,
-                                      reference_exact_match=with_lora.reference_exact_match)]
-    report = {"artifact": str(lora_gguf), "format": "gguf-lora", "base": str(base), "adapter": str(adapter),
-              "comparisons": comparisons, "min_agreement": cfg.agreement_floor(),
-              "passed": comparisons[0].top1_agreement >= cfg.agreement_floor()}
+    comparisons = [
+        with_lora,
+        compare(reference, merged_gguf, sequences, reference_exact_match=with_lora.reference_exact_match),
+    ]
+    report = {
+        "artifact": str(lora_gguf),
+        "format": "gguf-lora",
+        "base": str(base),
+        "adapter": str(adapter),
+        "comparisons": comparisons,
+        "min_agreement": cfg.agreement_floor(),
+        "passed": comparisons[0].top1_agreement >= cfg.agreement_floor(),
+    }
     if comparisons[0].exact_match is not None:  # the LoRA at runtime vs the same adapter merged
         report["lora_vs_merged_exact_match_points"] = 100 * (comparisons[0].exact_match - comparisons[1].exact_match)
     return _publish(report, lora_gguf)

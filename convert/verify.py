@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -20,9 +21,14 @@ from loraplex.training.evaluate import is_exact_match
 
 # Used when no eval data is given: generic text, enough to compare next-token distributions.
 DEFAULT_PROMPTS = [
-    "The quick brown fox jumps over the lazy dog.\n", "Write a sentence about the red cat:\n",
-    "Month number 7 is called\n", "Repeat after me: alice paris\n", "How many words: dog tree\n",
-    "First word of: bread lamp door\n", "Paris is a city in\n", "The season after winter is\n",
+    "The quick brown fox jumps over the lazy dog.\n",
+    "Write a sentence about the red cat:\n",
+    "Month number 7 is called\n",
+    "Repeat after me: alice paris\n",
+    "How many words: dog tree\n",
+    "First word of: bread lamp door\n",
+    "Paris is a city in\n",
+    "The season after winter is\n",
 ]
 
 
@@ -34,8 +40,7 @@ class Model(Protocol):
     def next_token_logits(self, ids: list[int]) -> torch.Tensor:  # [len(ids), vocab], float
         ...
 
-    def greedy(self, prompt: str, max_tokens: int) -> str:
-        ...
+    def greedy(self, prompt: str, max_tokens: int) -> str: ...
 
 
 class HFModel:
@@ -52,10 +57,15 @@ class HFModel:
     @torch.no_grad()
     def greedy(self, prompt: str, max_tokens: int) -> str:
         ids = torch.tensor([encode_prompt(self.tokenizer, prompt)])
-        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                  max_new_tokens=max_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                                  eos_token_id=self.tokenizer.eos_token_id)
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = self.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 class GGUFModel:
@@ -107,12 +117,18 @@ def _nll(logits: torch.Tensor, ids: list[int], start: int) -> tuple[float, int]:
     """Summed negative log-likelihood of ids[start:] (the completion, or all but BOS)."""
     logp = torch.log_softmax(logits.double(), dim=-1)
     targets = torch.tensor(ids[start:])
-    return -logp[start - 1:len(ids) - 1].gather(1, targets.view(-1, 1)).sum().item(), len(targets)
+    return -logp[start - 1 : len(ids) - 1].gather(1, targets.view(-1, 1)).sum().item(), len(targets)
 
 
-def compare(reference: Model, candidate: Model, sequences, max_tokens: int = 24,
-            progress: Callable[[str], None] = print, reference_exact_match: float | None = None,
-            exact_match: bool = True) -> Comparison:
+def compare(
+    reference: Model,
+    candidate: Model,
+    sequences,
+    max_tokens: int = 24,
+    progress: Callable[[str], None] = print,
+    reference_exact_match: float | None = None,
+    exact_match: bool = True,
+) -> Comparison:
     """Distribution agreement on the given IDs, then greedy exact match when completions exist.
 
     reference_exact_match: the reference's own score, when an earlier comparison measured it.
@@ -136,15 +152,21 @@ def compare(reference: Model, candidate: Model, sequences, max_tokens: int = 24,
         if (i + 1) % 25 == 0:
             progress(f"verify {candidate.name}: {i + 1}/{len(sequences)} sequences compared")
     ref_ppl, cand_ppl = math.exp(ref_nll / tokens), math.exp(cand_nll / tokens)
-    result = Comparison(candidate.name, positions, agree / positions, kl_sum / positions, cand_ppl, ref_ppl,
-                        cand_ppl - ref_ppl)
+    result = Comparison(
+        candidate.name, positions, agree / positions, kl_sum / positions, cand_ppl, ref_ppl, cand_ppl - ref_ppl
+    )
     with_answers = [(p, c) for p, c, _, _ in sequences if c]
     if with_answers and exact_match:
         result.exact_match = exact_match_rate(candidate, with_answers, max_tokens)
-        result.reference_exact_match = (reference_exact_match if reference_exact_match is not None
-                                        else exact_match_rate(reference, with_answers, max_tokens))
-    progress(f"verify {candidate.name}: top-1 agreement {result.top1_agreement:.2%}, mean KL {result.mean_kl:.4f}"
-             + ("" if result.exact_match is None else f", exact match {result.exact_match:.0%}"))
+        result.reference_exact_match = (
+            reference_exact_match
+            if reference_exact_match is not None
+            else exact_match_rate(reference, with_answers, max_tokens)
+        )
+    progress(
+        f"verify {candidate.name}: top-1 agreement {result.top1_agreement:.2%}, mean KL {result.mean_kl:.4f}"
+        + ("" if result.exact_match is None else f", exact match {result.exact_match:.0%}")
+    )
     return result
 
 
@@ -162,22 +184,29 @@ AGREEMENT_DROP_MAX = 0.15
 
 def excess_over_base(export: Comparison, base: Comparison) -> dict:
     """The export's damage beside the base's own under the same quantization."""
-    return {"kl_ratio": export.mean_kl / base.mean_kl if base.mean_kl > 0 else None,
-            "kl_excess": export.mean_kl - base.mean_kl,
-            "agreement_diff": export.top1_agreement - base.top1_agreement,
-            "base_mean_kl": base.mean_kl, "base_top1_agreement": base.top1_agreement}
+    return {
+        "kl_ratio": export.mean_kl / base.mean_kl if base.mean_kl > 0 else None,
+        "kl_excess": export.mean_kl - base.mean_kl,
+        "agreement_diff": export.top1_agreement - base.top1_agreement,
+        "base_mean_kl": base.mean_kl,
+        "base_top1_agreement": base.top1_agreement,
+    }
 
 
 def excess_rule(quant: str) -> str:
     """The pass/fail rule in one line, for the report."""
-    return (f"PASS when mean KL <= {KL_RATIO_MAX:g} x the base's own {quant} KL + {KL_SLACK:g} and top-1 "
-            f"agreement at most {AGREEMENT_DROP_MAX * 100:g} points below the base's: quantization damage "
-            f"the base has too is expected, damage beyond it is the export's")
+    return (
+        f"PASS when mean KL <= {KL_RATIO_MAX:g} x the base's own {quant} KL + {KL_SLACK:g} and top-1 "
+        f"agreement at most {AGREEMENT_DROP_MAX * 100:g} points below the base's: quantization damage "
+        f"the base has too is expected, damage beyond it is the export's"
+    )
 
 
 def excess_passes(export: Comparison, base: Comparison) -> bool:
-    return (export.mean_kl <= KL_RATIO_MAX * base.mean_kl + KL_SLACK
-            and export.top1_agreement >= base.top1_agreement - AGREEMENT_DROP_MAX)
+    return (
+        export.mean_kl <= KL_RATIO_MAX * base.mean_kl + KL_SLACK
+        and export.top1_agreement >= base.top1_agreement - AGREEMENT_DROP_MAX
+    )
 
 
 def exact_match_rate(model: Model, pairs: list[tuple[str, str]], max_tokens: int) -> float:
@@ -196,33 +225,49 @@ def mean_completion_loss(model: Model, sequences) -> float:
 def write_report(report: dict, out_base: Path) -> tuple[Path, Path]:
     """JSON for machines, a markdown table for people, side by side."""
     json_path, md_path = out_base.with_suffix(".verify.json"), out_base.with_suffix(".verify.md")
-    report = {**report, "comparisons": [asdict(c) if isinstance(c, Comparison) else c
-                                        for c in report.get("comparisons", [])]}
+    report = {
+        **report,
+        "comparisons": [asdict(c) if isinstance(c, Comparison) else c for c in report.get("comparisons", [])],
+    }
     if isinstance(report.get("base_quantization"), Comparison):
         report["base_quantization"] = asdict(report["base_quantization"])
     json_path.write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# Verify: {report.get('artifact', '')}", "",
-             "| model | top-1 agreement | mean KL | perplexity (ref) | exact match (ref) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"# Verify: {report.get('artifact', '')}",
+        "",
+        "| model | top-1 agreement | mean KL | perplexity (ref) | exact match (ref) |",
+        "|---|---|---|---|---|",
+    ]
     for c in report["comparisons"]:
         em = "-" if c["exact_match"] is None else f"{c['exact_match']:.0%} ({c['reference_exact_match']:.0%})"
-        lines.append(f"| {c['model']} | {c['top1_agreement']:.2%} | {c['mean_kl']:.5f} | "
-                     f"{c['perplexity']:.3f} ({c['reference_perplexity']:.3f}) | {em} |")
+        lines.append(
+            f"| {c['model']} | {c['top1_agreement']:.2%} | {c['mean_kl']:.5f} | "
+            f"{c['perplexity']:.3f} ({c['reference_perplexity']:.3f}) | {em} |"
+        )
     if report.get("base_quantization"):
         b, e = report["base_quantization"], report["excess"]
-        lines += [f"| {b['model']} (vs the base in fp32) | {b['top1_agreement']:.2%} | {b['mean_kl']:.5f} | "
-                  f"{b['perplexity']:.3f} ({b['reference_perplexity']:.3f}) | - |",
-                  "", f"Excess over the base's own quantization damage: KL ratio "
-                      f"{'-' if e['kl_ratio'] is None else format(e['kl_ratio'], '.2f')}, "
-                      f"top-1 agreement {100 * e['agreement_diff']:+.1f} points."]
+        lines += [
+            f"| {b['model']} (vs the base in fp32) | {b['top1_agreement']:.2%} | {b['mean_kl']:.5f} | "
+            f"{b['perplexity']:.3f} ({b['reference_perplexity']:.3f}) | - |",
+            "",
+            f"Excess over the base's own quantization damage: KL ratio "
+            f"{'-' if e['kl_ratio'] is None else format(e['kl_ratio'], '.2f')}, "
+            f"top-1 agreement {100 * e['agreement_diff']:+.1f} points.",
+        ]
     if report.get("quantization", {}).get("fallbacks"):
         lines += ["", f"Tensor types: {report['quantization']['summary']}."]
     if report.get("adapter_on_bf16_base_exact_match") is not None:
-        lines += ["", f"The adapter itself (PEFT on the bf16 base): exact match "
-                      f"{report['adapter_on_bf16_base_exact_match']:.0%}."]
+        lines += [
+            "",
+            f"The adapter itself (PEFT on the bf16 base): exact match "
+            f"{report['adapter_on_bf16_base_exact_match']:.0%}.",
+        ]
     if report.get("lora_vs_merged_exact_match_points") is not None:
-        lines += ["", f"GGUF LoRA at runtime minus the merged F16 GGUF: "
-                      f"{report['lora_vs_merged_exact_match_points']:+.0f} exact-match points."]
+        lines += [
+            "",
+            f"GGUF LoRA at runtime minus the merged F16 GGUF: "
+            f"{report['lora_vs_merged_exact_match_points']:+.0f} exact-match points.",
+        ]
     if "merge_targets" in report:
         lines += ["", "| merge target | eval loss (nats/token) |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in report["merge_targets"]["eval_loss"].items()]

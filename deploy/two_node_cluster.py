@@ -32,13 +32,28 @@ def main() -> int:
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"loraplex_slot": 1}})
     nodes.add_node(num_cpus=1, resources={"loraplex_slot": 1})
     ray.init(address=nodes.address)
-    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=8000),
-                grpc_options=gRPCOptions(port=9000, grpc_servicer_functions=[SERVICER_FUNCTION]))
-    serve.run(build_app({"base_model": str(base_dir), "adapters": str(ADAPTERS_DIR), "allow_unauthenticated": True,
-                         "replicas": 2, "replica_resources": {"loraplex_slot": 1}}),
-              name="loraplex", route_prefix="/")
-    print("2 nodes, 2 replicas: http://127.0.0.1:8000/v1 and gRPC 127.0.0.1:9000 "
-          "(the response's system_fingerprint / replica_id names the replica). Ctrl-C stops.", flush=True)
+    serve.start(
+        http_options=HTTPOptions(host="127.0.0.1", port=8000),
+        grpc_options=gRPCOptions(port=9000, grpc_servicer_functions=[SERVICER_FUNCTION]),
+    )
+    serve.run(
+        build_app(
+            {
+                "base_model": str(base_dir),
+                "adapters": str(ADAPTERS_DIR),
+                "allow_unauthenticated": True,
+                "replicas": 2,
+                "replica_resources": {"loraplex_slot": 1},
+            }
+        ),
+        name="loraplex",
+        route_prefix="/",
+    )
+    print(
+        "2 nodes, 2 replicas: http://127.0.0.1:8000/v1 and gRPC 127.0.0.1:9000 "
+        "(the response's system_fingerprint / replica_id names the replica). Ctrl-C stops.",
+        flush=True,
+    )
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())

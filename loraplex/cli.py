@@ -49,8 +49,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_keys_add(args: argparse.Namespace) -> int:
     from loraplex.serving.auth import add_key
 
-    key = add_key(args.file, args.name, args.adapters, admin=args.admin, max_concurrent=args.max_concurrent,
-                  max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens)
+    key = add_key(
+        args.file,
+        args.name,
+        args.adapters,
+        admin=args.admin,
+        max_concurrent=args.max_concurrent,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_new_tokens=args.max_new_tokens,
+    )
     print(f"added {args.name!r} to {args.file} (only its hash is stored). The key, shown once:", file=sys.stderr)
     print(key)
     return 0
@@ -59,8 +66,9 @@ def cmd_keys_add(args: argparse.Namespace) -> int:
 def cmd_adapters_import(args: argparse.Namespace) -> int:
     from loraplex.training.adapter_import import import_adapter
 
-    dest = import_adapter(args.src, args.base, args.store, args.id, max_rank=args.max_rank,
-                          warn=lambda line: print(line, file=sys.stderr))
+    dest = import_adapter(
+        args.src, args.base, args.store, args.id, max_rank=args.max_rank, warn=lambda line: print(line, file=sys.stderr)
+    )
     print(f"imported {args.src} as '{dest.name}' into {args.store} (provenance: imported)")
     return 0
 
@@ -85,17 +93,20 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="Ray Serve: gRPC :9000 + OpenAI HTTP :8000 (see --help)", add_help=False)
     serve.set_defaults(func=cmd_serve, passthrough=True)
 
-    convert = sub.add_parser("convert", help="merge at FP16 and export GGUF / AWQ (the `convert` command)",
-                             add_help=False)
+    convert = sub.add_parser(
+        "convert", help="merge at FP16 and export GGUF / AWQ (the `convert` command)", add_help=False
+    )
     convert.set_defaults(func=cmd_convert, passthrough=True)
 
     keys = sub.add_parser("keys", help="tenant API keys for `serve --api-keys FILE`")
     add = keys.add_subparsers(dest="keys_command", required=True).add_parser(
-        "add", help="make a new key, append its hash to FILE and print the key once")
+        "add", help="make a new key, append its hash to FILE and print the key once"
+    )
     add.add_argument("--file", required=True, help="key file (YAML), created if missing")
     add.add_argument("--name", required=True, help="tenant name: limits and logs are per name")
-    add.add_argument("--adapters", nargs="*", default=[],
-                     help="adapter IDs or fnmatch patterns it may use ('' is the base)")
+    add.add_argument(
+        "--adapters", nargs="*", default=[], help="adapter IDs or fnmatch patterns it may use ('' is the base)"
+    )
     add.add_argument("--admin", action="store_true", help="may call Load/Unload/PinAdapter, and use every adapter")
     for limit in ("max-concurrent", "max-prompt-tokens", "max-new-tokens"):
         add.add_argument(f"--{limit}", type=int, help="this tenant's own limit")
@@ -103,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
     adapters = sub.add_parser("adapters", help="adapter store tools")
     imp = adapters.add_subparsers(dest="adapters_command", required=True).add_parser(
-        "import", help="check a plain PEFT adapter folder against the base and copy it into a store")
+        "import", help="check a plain PEFT adapter folder against the base and copy it into a store"
+    )
     imp.add_argument("src", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
     imp.add_argument("--base", required=True, help="the base model folder the store serves")
     imp.add_argument("--store", required=True, help="adapter store folder (serve --adapters)")

@@ -26,7 +26,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = _scalar_type(hints[f.name])
-        common = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help", "").replace("%", "%%"))  # argparse formats help with %
+        common = dict(
+            dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help", "").replace("%", "%%")
+        )  # argparse formats help with %
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif typing.get_origin(hints[f.name]) is list:
@@ -58,7 +60,8 @@ def build_config(cls: type, yaml_values: dict, cli_values: dict):
         raise ConfigError(f"unknown option(s) in config: {', '.join(unknown)}")
     values = {**yaml_values, **cli_values}
     missing = [
-        "--" + f.name.replace("_", "-") for f in dataclasses.fields(cls)
+        "--" + f.name.replace("_", "-")
+        for f in dataclasses.fields(cls)
         if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:

@@ -16,7 +16,9 @@ def run_demo(retrain: bool = False, examples: int = 3) -> int:
     started = time.time()
     base_dir = ensure_base()
     tenants = list(ensure_demo_adapters(retrain=retrain))
-    engine = create_engine(EngineConfig(base_model=str(base_dir), adapters=str(ADAPTERS_DIR), max_batch=32, max_queue=4096))
+    engine = create_engine(
+        EngineConfig(base_model=str(base_dir), adapters=str(ADAPTERS_DIR), max_batch=32, max_queue=4096)
+    )
     print(f"engine ready in {time.time() - started:.1f}s: {base_dir.name} in NF4, adapters from {ADAPTERS_DIR}\n")
     greedy = SamplingParams(max_tokens=8, temperature=0)
     try:
@@ -32,13 +34,17 @@ def run_demo(retrain: bool = False, examples: int = 3) -> int:
             plain = [answers[k] for k in answers if k[0] == tenant and k[2] == ""]
             score = sum(is_exact_match(a, r["completion"]) for r, a in mine) / len(mine)
             base_score = sum(is_exact_match(a, r["completion"]) for r, a in plain) / len(plain)
-            print(f"== {tenant}: exact match {score:.0%} with its adapter, {base_score:.0%} for the base "
-                  f"({len(mine)} held-out prompts)")
+            print(
+                f"== {tenant}: exact match {score:.0%} with its adapter, {base_score:.0%} for the base "
+                f"({len(mine)} held-out prompts)"
+            )
             for (row, answer), (_, base_answer) in list(zip(mine, plain))[:examples]:
                 print(f"   prompt {row['prompt']!r}\n     {tenant}: {answer!r}   base: {base_answer!r}")
             print()
-        print(f"{len(jobs)} requests over {len(tenants)} adapters + the base in {finished:.1f}s "
-              f"({engine.steps} decode steps, mixed batches of up to {engine.config.max_batch})")
+        print(
+            f"{len(jobs)} requests over {len(tenants)} adapters + the base in {finished:.1f}s "
+            f"({engine.steps} decode steps, mixed batches of up to {engine.config.max_batch})"
+        )
     finally:
         engine.shutdown()
     return 0

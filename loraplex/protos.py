@@ -26,10 +26,17 @@ def generate(out_dir: Path = REPO) -> list[Path]:
     include = str(Path(grpc_tools.__file__).parent / "_proto")
     written = []
     for proto in PROTO_FILES:
-        code = protoc.main([
-            "grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={out_dir}",
-            f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}", str(proto),
-        ])
+        code = protoc.main(
+            [
+                "grpc_tools.protoc",
+                f"-I{PROTO_ROOT}",
+                f"-I{include}",
+                f"--python_out={out_dir}",
+                f"--pyi_out={out_dir}",
+                f"--grpc_python_out={out_dir}",
+                str(proto),
+            ]
+        )
         if code != 0:
             raise RuntimeError(f"protoc failed on {proto}")
         stem = out_dir / proto.relative_to(PROTO_ROOT).with_suffix("")

@@ -54,7 +54,8 @@ def build_app(args: dict | None = None):
     # installed), or the torch engine on cuda, asks.
     gpus = 1 if config.device == "cuda" or config.engine == "vllm" and vllm_needs_gpu() else 0
     scale = {"autoscaling_config": dict(autoscaling)} if autoscaling else {"num_replicas": replicas}
-    server = ModelServer.options(**scale, ray_actor_options={
-        "num_cpus": 0, "num_gpus": gpus, "resources": replica_resources})
+    server = ModelServer.options(
+        **scale, ray_actor_options={"num_cpus": 0, "num_gpus": gpus, "resources": replica_resources}
+    )
     server = server.bind(asdict(config))
     return Router.bind(server, metrics_port, api_keys, asdict(limits))

@@ -39,8 +39,10 @@ logger = logging.getLogger("loraplex.auth")
 
 KEY_PREFIX = "lpx_"
 ENV_FILE, ENV_INLINE = "LORAPLEX_API_KEYS_FILE", "LORAPLEX_API_KEYS"
-AUTH_OFF_WARNING = ("AUTHENTICATION IS OFF: any client may use any adapter and call the admin RPCs. "
-                    "This is for the local demo only; serve real tenants with api_keys (see `loraplex keys add`).")
+AUTH_OFF_WARNING = (
+    "AUTHENTICATION IS OFF: any client may use any adapter and call the admin RPCs. "
+    "This is for the local demo only; serve real tenants with api_keys (see `loraplex keys add`)."
+)
 
 
 class KeyFileError(LoraplexError):
@@ -69,13 +71,13 @@ class TenantLimits:
 
     def check_new_tokens(self, max_tokens: int | None) -> None:
         if self.max_new_tokens is not None and max_tokens is not None and max_tokens > self.max_new_tokens:
-            raise TenantLimitExceeded(f"max_tokens {max_tokens} is above this tenant's limit of "
-                                      f"{self.max_new_tokens}")
+            raise TenantLimitExceeded(f"max_tokens {max_tokens} is above this tenant's limit of {self.max_new_tokens}")
 
     def check_prompt_tokens(self, prompt_tokens: int) -> None:
         if self.max_prompt_tokens is not None and prompt_tokens > self.max_prompt_tokens:
-            raise TenantLimitExceeded(f"prompt of {prompt_tokens} tokens is above this tenant's limit of "
-                                      f"{self.max_prompt_tokens}")
+            raise TenantLimitExceeded(
+                f"prompt of {prompt_tokens} tokens is above this tenant's limit of {self.max_prompt_tokens}"
+            )
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ class KeyTable:
         self.by_hash = {k.sha256: k for k in keys}
 
     @classmethod
-    def parse(cls, text: str, source: str, defaults: TenantLimits = TenantLimits()) -> "KeyTable":
+    def parse(cls, text: str, source: str, defaults: TenantLimits = TenantLimits()) -> KeyTable:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -131,14 +133,21 @@ class KeyTable:
                     raise KeyFileError(f"{where} ({name}): {limit} must be a positive integer")
                 limits[limit] = value
             names.add(name)
-            keys.append(TenantKey(name, digest, tuple(adapters), bool(entry.get("admin", False)),
-                                  TenantLimits(**{**asdict(defaults), **limits})))
+            keys.append(
+                TenantKey(
+                    name,
+                    digest,
+                    tuple(adapters),
+                    bool(entry.get("admin", False)),
+                    TenantLimits(**{**asdict(defaults), **limits}),
+                )
+            )
         if len({k.sha256 for k in keys}) != len(keys):
             raise KeyFileError(f"{source}: two entries share one key hash")
         return cls(keys)
 
     @classmethod
-    def load(cls, path: str | Path, defaults: TenantLimits = TenantLimits()) -> "KeyTable":
+    def load(cls, path: str | Path, defaults: TenantLimits = TenantLimits()) -> KeyTable:
         path = Path(path)
         if not path.is_file():
             raise KeyFileError(f"API key file {path} not found")
@@ -161,9 +170,13 @@ class KeyTable:
         return [{**asdict(k), "adapters": list(k.adapters)} for k in self.by_hash.values()]
 
     @classmethod
-    def from_config(cls, entries: list[dict]) -> "KeyTable":
-        return cls([TenantKey(e["name"], e["sha256"], tuple(e["adapters"]), e["admin"], TenantLimits(**e["limits"]))
-                    for e in entries])
+    def from_config(cls, entries: list[dict]) -> KeyTable:
+        return cls(
+            [
+                TenantKey(e["name"], e["sha256"], tuple(e["adapters"]), e["admin"], TenantLimits(**e["limits"]))
+                for e in entries
+            ]
+        )
 
 
 def authorize(key: TenantKey | None, adapter_id: str) -> None:
@@ -196,12 +209,19 @@ def resolve_key_table(api_keys: str | None, defaults: TenantLimits) -> KeyTable 
 def auth_from_args(args: dict) -> tuple[KeyTable | None, TenantLimits]:
     """Pop the app's auth args; the key table, or None when auth is off (the demo, or said so)."""
     allow_open = bool(args.pop("allow_unauthenticated", False))
-    limits = TenantLimits(**{name: args.pop(f"tenant_{name}") for name in
-                             ("max_concurrent", "max_prompt_tokens", "max_new_tokens") if f"tenant_{name}" in args})
+    limits = TenantLimits(
+        **{
+            name: args.pop(f"tenant_{name}")
+            for name in ("max_concurrent", "max_prompt_tokens", "max_new_tokens")
+            if f"tenant_{name}" in args
+        }
+    )
     table = resolve_key_table(args.pop("api_keys", None), limits)
     if table is None and not (allow_open or args.get("adapters") is None):
-        raise KeysRequired("no API keys: pass --api-keys FILE / api_keys (make one with `loraplex keys add`) or "
-                           f"set ${ENV_FILE}; --allow-unauthenticated serves without auth (local testing only)")
+        raise KeysRequired(
+            "no API keys: pass --api-keys FILE / api_keys (make one with `loraplex keys add`) or "
+            f"set ${ENV_FILE}; --allow-unauthenticated serves without auth (local testing only)"
+        )
     return table, limits
 
 

@@ -80,6 +80,8 @@ def replica_cause(exc: BaseException) -> BaseException:
 
     cause = getattr(exc, "cause", None) or exc
     if isinstance(cause, (RayActorError, ActorUnavailableError)):
-        return ReplicaUnavailable(f"the replica serving this request went away ({type(cause).__name__}); "
-                                  "retry: Ray Serve routes it to a live replica")
+        return ReplicaUnavailable(
+            f"the replica serving this request went away ({type(cause).__name__}); "
+            "retry: Ray Serve routes it to a live replica"
+        )
     return cause

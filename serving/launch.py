@@ -23,18 +23,32 @@ class ServeOptions(EngineConfig):
     metrics_port: int = field(default=8080, metadata={"help": "Ray's Prometheus exporter port on this node"})
     replicas: int = field(default=1, metadata={"help": "ModelServer replicas"})
     num_cpus: int | None = field(default=None, metadata={"help": "CPUs Ray may use; default: all"})
-    api_keys: str | None = field(default=None, metadata={
-        "help": "tenant API key file (hashes; `loraplex keys add`); or $LORAPLEX_API_KEYS_FILE / $LORAPLEX_API_KEYS"})
-    allow_unauthenticated: bool = field(default=False, metadata={
-        "help": "serve without API keys (local testing only; the demo store is served so by default)"})
-    tenant_max_concurrent: int | None = field(default=64, metadata={
-        "help": "requests in flight per tenant (a key's own max_concurrent wins)"})
-    tenant_max_prompt_tokens: int | None = field(default=None, metadata={"help": "prompt tokens per request, per tenant"})
+    api_keys: str | None = field(
+        default=None,
+        metadata={
+            "help": "tenant API key file (hashes; `loraplex keys add`); or $LORAPLEX_API_KEYS_FILE / $LORAPLEX_API_KEYS"
+        },
+    )
+    allow_unauthenticated: bool = field(
+        default=False,
+        metadata={"help": "serve without API keys (local testing only; the demo store is served so by default)"},
+    )
+    tenant_max_concurrent: int | None = field(
+        default=64, metadata={"help": "requests in flight per tenant (a key's own max_concurrent wins)"}
+    )
+    tenant_max_prompt_tokens: int | None = field(
+        default=None, metadata={"help": "prompt tokens per request, per tenant"}
+    )
     tenant_max_new_tokens: int | None = field(default=None, metadata={"help": "max_tokens per request, per tenant"})
 
 
-AUTH_ARGS = ("api_keys", "allow_unauthenticated", "tenant_max_concurrent", "tenant_max_prompt_tokens",
-             "tenant_max_new_tokens")
+AUTH_ARGS = (
+    "api_keys",
+    "allow_unauthenticated",
+    "tenant_max_concurrent",
+    "tenant_max_prompt_tokens",
+    "tenant_max_new_tokens",
+)
 
 
 def engine_args(options: ServeOptions) -> dict:
@@ -70,8 +84,12 @@ def start(options: ServeOptions, demo: bool = False) -> None:
 
         require_torch_engine_architecture(options.base_model)
     if not ray.is_initialized():
-        ray.init(num_cpus=options.num_cpus, include_dashboard=False, _metrics_export_port=options.metrics_port,
-                 log_to_driver=False)
+        ray.init(
+            num_cpus=options.num_cpus,
+            include_dashboard=False,
+            _metrics_export_port=options.metrics_port,
+            log_to_driver=False,
+        )
     serve.start(
         http_options=HTTPOptions(host=options.host, port=options.http_port),
         grpc_options=gRPCOptions(port=options.grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION]),
@@ -107,13 +125,16 @@ def engine_summary(options: ServeOptions) -> str:
 def serve_forever(options: ServeOptions, demo: bool = False) -> int:
     started = time.time()
     start(options, demo)
-    print(f"loraplex serving {options.base_model} in {time.time() - started:.1f}s\n"
-          f"{engine_summary(options)}\n"
-          f"{auth_summary(options)}\n"
-          f"  HTTP  http://{options.host}:{options.http_port}/v1  (OpenAI-compatible; model = adapter ID)\n"
-          f"  gRPC  {options.host}:{options.grpc_port}  loraplex.v1.LoraplexService (metadata multiplexed_model_id)\n"
-          f"  metrics http://{options.host}:{options.http_port}/metrics  (Ray exporter :{options.metrics_port})\n"
-          "Ctrl-C or SIGTERM drains and stops.", flush=True)
+    print(
+        f"loraplex serving {options.base_model} in {time.time() - started:.1f}s\n"
+        f"{engine_summary(options)}\n"
+        f"{auth_summary(options)}\n"
+        f"  HTTP  http://{options.host}:{options.http_port}/v1  (OpenAI-compatible; model = adapter ID)\n"
+        f"  gRPC  {options.host}:{options.grpc_port}  loraplex.v1.LoraplexService (metadata multiplexed_model_id)\n"
+        f"  metrics http://{options.host}:{options.http_port}/metrics  (Ray exporter :{options.metrics_port})\n"
+        "Ctrl-C or SIGTERM drains and stops.",
+        flush=True,
+    )
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
@@ -121,4 +142,3 @@ def serve_forever(options: ServeOptions, demo: bool = False) -> int:
     print("draining requests in flight and stopping ...", flush=True)
     stop()
     return 0
-

@@ -23,7 +23,12 @@ DEFINITIONS = {
     "loraplex_batch_size": ("histogram", "Requests decoded together per step", (), BATCH_BUCKETS),
     "loraplex_adapter_loads_total": ("counter", "Adapters loaded into a slot", ("adapter",), None),
     "loraplex_adapter_evictions_total": ("counter", "Adapters evicted from their slot", ("adapter",), None),
-    "loraplex_adapter_load_seconds": ("histogram", "Validate + read + place one adapter", ("adapter",), LATENCY_BUCKETS),
+    "loraplex_adapter_load_seconds": (
+        "histogram",
+        "Validate + read + place one adapter",
+        ("adapter",),
+        LATENCY_BUCKETS,
+    ),
     "loraplex_adapters_resident": ("gauge", "Adapters resident in memory", (), None),
 }
 
@@ -112,12 +117,22 @@ class ServingMetrics:
         """Prometheus text exposition (prometheus backend only)."""
         return self._backend.text()
 
-    def request_finished(self, adapter_id: str, reason: str, error, prompt_tokens: int,
-                         completion_tokens: int, latency: float, ttft: float | None) -> None:
+    def request_finished(
+        self,
+        adapter_id: str,
+        reason: str,
+        error,
+        prompt_tokens: int,
+        completion_tokens: int,
+        latency: float,
+        ttft: float | None,
+    ) -> None:
         from loraplex.serving.errors import classify
 
         adapter = adapter_id or "base"
-        code = "OK" if error is None and reason != "cancelled" else ("CANCELLED" if error is None else classify(error)[0])
+        code = (
+            "OK" if error is None and reason != "cancelled" else ("CANCELLED" if error is None else classify(error)[0])
+        )
         self._backend.record("loraplex_requests_total", 1, {"adapter": adapter, "code": code})
         self._backend.record("loraplex_prompt_tokens_total", prompt_tokens, {"adapter": adapter})
         self._backend.record("loraplex_generated_tokens_total", completion_tokens, {"adapter": adapter})
@@ -129,7 +144,9 @@ class ServingMetrics:
         """A request turned away before it reached the engine (bad params, auth, full queue)."""
         from loraplex.serving.errors import classify
 
-        self._backend.record("loraplex_requests_total", 1, {"adapter": adapter_id or "base", "code": classify(error)[0]})
+        self._backend.record(
+            "loraplex_requests_total", 1, {"adapter": adapter_id or "base", "code": classify(error)[0]}
+        )
 
     def queue_depth(self, depth: int) -> None:
         self._backend.record("loraplex_queue_depth", depth, {})

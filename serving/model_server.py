@@ -7,7 +7,6 @@ Ray routes a request to a replica that already holds its adapter when one exists
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import replace
 
 from ray import serve
@@ -30,6 +29,7 @@ class ModelServer:
         config = EngineConfig(**engine_config)
         self.engine = create_engine(config, metrics=ServingMetrics("ray"))
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+
         # Ray routes by the adapters a replica reports (`serve.multiplexed`); its cap is the
         # engine's own slot count, so routing and the store agree (a class-level decorator would
         # fix the cap when the module is imported, before any config is read).
@@ -50,8 +50,11 @@ class ModelServer:
         """The prompts of a call; messages are rendered with the model's chat template."""
         if call["messages"]:
             try:
-                return [self.engine.tokenizer.apply_chat_template(call["messages"], tokenize=False,
-                                                                  add_generation_prompt=True)]
+                return [
+                    self.engine.tokenizer.apply_chat_template(
+                        call["messages"], tokenize=False, add_generation_prompt=True
+                    )
+                ]
             except Exception as exc:  # the model's own template refuses these messages
                 raise InvalidRequest(f"messages do not fit the chat template: {exc}"[:300]) from None
         return call.get("prompts") or [call["prompt"] or ""]
@@ -75,8 +78,13 @@ class ModelServer:
         prompts = []  # (token IDs, echo text) per prompt, checked before anything is queued
         for prompt in self._prompt(call):
             prompt_ids = prompt if isinstance(prompt, list) else self.engine.encode(prompt)
-            echo = "" if not call.get("echo") else prompt if isinstance(prompt, str) else (
-                self.engine.tokenizer.decode(prompt, skip_special_tokens=True))
+            echo = (
+                ""
+                if not call.get("echo")
+                else prompt
+                if isinstance(prompt, str)
+                else (self.engine.tokenizer.decode(prompt, skip_special_tokens=True))
+            )
             if limits is not None:
                 limits.check_prompt_tokens(len(prompt_ids))
                 limits.check_new_tokens(params.max_tokens)
@@ -85,14 +93,16 @@ class ModelServer:
                     params = replace(params, max_tokens=min(limits.max_new_tokens, room))
             prompts.append((prompt_ids, echo))
         choices: list[Choice] = []
-        together = getattr(self.engine, "submitting_together", contextlib.nullcontext)
         try:
-            with together():  # the torch engine admits them in one step and shares a prompt's prefill
+            with (
+                self.engine.submitting_together()
+            ):  # the torch engine admits them in one step and shares a prompt's prefill
                 for index, (prompt_ids, echo) in enumerate(p for p in prompts for _ in range(n)):
                     one = params if params.seed is None or index == 0 else replace(params, seed=params.seed + index)
                     request_id = call["request_id"] if index == 0 else f"{call['request_id']}-{index}"
-                    stream = self.engine.submit(prompt_ids, adapter_id, one, request_id=request_id,
-                                                timeout=call.get("timeout"))
+                    stream = self.engine.submit(
+                        prompt_ids, adapter_id, one, request_id=request_id, timeout=call.get("timeout")
+                    )
                     choices.append(Choice(index, len(prompt_ids), echo, stream))
         except BaseException:
             for choice in choices:
@@ -111,10 +121,16 @@ class ModelServer:
         adapter_id, choices = await self._submit(call)
         outputs = await gather(choices, self.engine.tokenizer)
         first = outputs[0]
-        return {**self._ids(adapter_id, call), "text": first["text"], "finish_reason": first["finish_reason"],
-                "prompt_tokens": self._prompt_tokens(choices, call.get("n") or 1),
-                "completion_tokens": sum(o["completion_tokens"] for o in outputs), "final": True,
-                "adapter_version": first["adapter_version"], "choices": outputs}
+        return {
+            **self._ids(adapter_id, call),
+            "text": first["text"],
+            "finish_reason": first["finish_reason"],
+            "prompt_tokens": self._prompt_tokens(choices, call.get("n") or 1),
+            "completion_tokens": sum(o["completion_tokens"] for o in outputs),
+            "final": True,
+            "adapter_version": first["adapter_version"],
+            "choices": outputs,
+        }
 
     async def generate_stream(self, call: GenerateCall):
         """Chunks of every choice (see choices.merged), then one final chunk with the totals."""
@@ -124,8 +140,15 @@ class ModelServer:
             completion += chunk.get("completion_tokens", 0)
             version = chunk.get("adapter_version", version)
             yield {**ids, **chunk, "final": False}
-        yield {**ids, "final": True, "text": "", "prompt_tokens": self._prompt_tokens(choices, call.get("n") or 1),
-               "completion_tokens": completion, "adapter_version": version, "choice_count": len(choices)}
+        yield {
+            **ids,
+            "final": True,
+            "text": "",
+            "prompt_tokens": self._prompt_tokens(choices, call.get("n") or 1),
+            "completion_tokens": completion,
+            "adapter_version": version,
+            "choice_count": len(choices),
+        }
 
     async def load_lora_adapter(self, adapter_id: str, lora_path: str) -> dict:
         """vLLM's /v1/load_lora_adapter: the path must be the adapter's own folder in the store."""
@@ -136,8 +159,10 @@ class ModelServer:
         given = Path(lora_path)
         resolved = (given if given.is_absolute() else store.root / given).resolve()
         if resolved != folder.resolve():
-            raise InvalidRequest(f"lora_path must be the adapter's folder in this server's store, {folder} "
-                                 f"(got {lora_path}): copy the adapter into the store root {store.root} first")
+            raise InvalidRequest(
+                f"lora_path must be the adapter's folder in this server's store, {folder} "
+                f"(got {lora_path}): copy the adapter into the store root {store.root} first"
+            )
         return await self.load_adapter(adapter_id)
 
     async def list_adapters(self) -> dict:
@@ -145,10 +170,18 @@ class ModelServer:
         resident = store.resident()
         ids = sorted(set(store.available()) | set(resident))
         return {
-            "adapters": [{"adapter_id": i, "resident": i in resident, "pinned": i in store.pinned,
-                          "rank": resident[i].rank if i in resident else 0,
-                          "provenance": store.provenance(i)} for i in ids],
-            "base_model": str(self.engine.base_dir), "base_fingerprint": self.engine.base_fingerprint,
+            "adapters": [
+                {
+                    "adapter_id": i,
+                    "resident": i in resident,
+                    "pinned": i in store.pinned,
+                    "rank": resident[i].rank if i in resident else 0,
+                    "provenance": store.provenance(i),
+                }
+                for i in ids
+            ],
+            "base_model": str(self.engine.base_dir),
+            "base_fingerprint": self.engine.base_fingerprint,
             "replica_id": self.replica_id,
             # what the base is served in: vLLM's CPU build serves an nf4 request in bf16, and says why
             "base_precision": getattr(self.engine, "base_precision", self.engine.config.quantization),
@@ -168,9 +201,13 @@ class ModelServer:
 
     def _info(self, adapter_id: str) -> dict:
         lease = self.engine.store.resident().get(adapter_id)
-        return {"adapter_id": adapter_id, "resident": lease is not None,
-                "pinned": adapter_id in self.engine.store.pinned, "rank": lease.rank if lease else 0,
-                "provenance": self.engine.store.provenance(adapter_id)}
+        return {
+            "adapter_id": adapter_id,
+            "resident": lease is not None,
+            "pinned": adapter_id in self.engine.store.pinned,
+            "rank": lease.rank if lease else 0,
+            "provenance": self.engine.store.provenance(adapter_id),
+        }
 
     def stats(self) -> dict:
         return {**self.engine.stats(), "replica_id": self.replica_id}

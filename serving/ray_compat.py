@@ -38,8 +38,14 @@ TARGET_SOURCE_SHA256 = {
     "RayServegRPCContext.__init__": "997528f315057d06685a5b5b5845243a691afe5955fbf2ab02c08571e7bf1375",
 }
 SIGNATURES = {
-    "gRPCProxy.send_request_to_replica": ["self", "request_id", "internal_request_id", "handle",
-                                          "proxy_request", "app_is_cross_language"],
+    "gRPCProxy.send_request_to_replica": [
+        "self",
+        "request_id",
+        "internal_request_id",
+        "handle",
+        "proxy_request",
+        "app_is_cross_language",
+    ],
     "RayServegRPCContext.__init__": ["self", "grpc_context"],
 }
 
@@ -58,8 +64,10 @@ def targets() -> dict[str, Callable]:
     from ray.serve._private.proxy import gRPCProxy
     from ray.serve.grpc_util import RayServegRPCContext
 
-    return {"gRPCProxy.send_request_to_replica": gRPCProxy.send_request_to_replica,
-            "RayServegRPCContext.__init__": RayServegRPCContext.__init__}
+    return {
+        "gRPCProxy.send_request_to_replica": gRPCProxy.send_request_to_replica,
+        "RayServegRPCContext.__init__": RayServegRPCContext.__init__,
+    }
 
 
 def source_sha256(function: Callable) -> str:
@@ -70,13 +78,17 @@ def source_sha256(function: Callable) -> str:
 def check_ray() -> None:
     """Refuse to patch a Ray whose version or target signatures differ from what was checked."""
     if ray_minor() not in TESTED_RAY:
-        raise RayCompatError(f"loraplex's Ray patches (serving/ray_compat.py) were checked on Ray {TESTED_RAY}, "
-                             f"not {ray_minor()}: install ray[serve]=={TESTED_RAY[-1]}.* or re-check them")
+        raise RayCompatError(
+            f"loraplex's Ray patches (serving/ray_compat.py) were checked on Ray {TESTED_RAY}, "
+            f"not {ray_minor()}: install ray[serve]=={TESTED_RAY[-1]}.* or re-check them"
+        )
     for name, function in targets().items():
         params = list(inspect.signature(getattr(function, "loraplex_original", function)).parameters)
         if params != SIGNATURES[name]:
-            raise RayCompatError(f"Ray's {name} changed signature ({params}, expected {SIGNATURES[name]}): "
-                                 "re-check serving/ray_compat.py")
+            raise RayCompatError(
+                f"Ray's {name} changed signature ({params}, expected {SIGNATURES[name]}): "
+                "re-check serving/ray_compat.py"
+            )
 
 
 def _cancel_on_early_close() -> None:
@@ -124,8 +136,9 @@ def _carry_deadline() -> None:
     def __init__(self, grpc_context) -> None:
         original(self, grpc_context)
         remaining = grpc_context.time_remaining()
-        self.loraplex_deadline = None if remaining is None or math.isinf(remaining) or remaining > 1e7 \
-            else time.time() + remaining
+        self.loraplex_deadline = (
+            None if remaining is None or math.isinf(remaining) or remaining > 1e7 else time.time() + remaining
+        )
 
     __init__.loraplex_original = original
     RayServegRPCContext.__init__ = __init__

@@ -56,8 +56,13 @@ class Router:
     key may use, and the tenant's concurrency limit, before anything reaches a ModelServer.
     """
 
-    def __init__(self, model_server: DeploymentHandle, metrics_port: int | None = None,
-                 api_keys: list[dict] | None = None, limits: dict | None = None) -> None:
+    def __init__(
+        self,
+        model_server: DeploymentHandle,
+        metrics_port: int | None = None,
+        api_keys: list[dict] | None = None,
+        limits: dict | None = None,
+    ) -> None:
         self.model = model_server
         self.metrics_port = metrics_port
         self.keys = KeyTable.from_config(api_keys) if api_keys is not None else None
@@ -89,8 +94,10 @@ class Router:
         try:
             authorize(key, adapter_id)
             if limits.max_concurrent is not None and self.in_flight[tenant] >= limits.max_concurrent:
-                raise TenantLimitExceeded(f"tenant {tenant} has {limits.max_concurrent} requests in flight "
-                                          "(its limit); retry when one finishes")
+                raise TenantLimitExceeded(
+                    f"tenant {tenant} has {limits.max_concurrent} requests in flight "
+                    "(its limit); retry when one finishes"
+                )
         except Exception as exc:
             self.metrics.request_refused(adapter_id, exc)
             raise
@@ -200,7 +207,9 @@ class Router:
             return pb.ListAdaptersResponse()
         return pb.ListAdaptersResponse(
             adapters=[pb.AdapterInfo(**a) for a in listing["adapters"] if key is None or key.may_use(a["adapter_id"])],
-            base_model=listing["base_model"], base_fingerprint=listing["base_fingerprint"])
+            base_model=listing["base_model"],
+            base_fingerprint=listing["base_fingerprint"],
+        )
 
     async def _admin(self, grpc_context, adapter_id: str, method: str, *args, empty, build):
         """Run an admin call (admin keys only) on the replica that holds, or will hold, the adapter."""
@@ -213,17 +222,32 @@ class Router:
         return build(result)
 
     async def LoadAdapter(self, request, grpc_context):  # noqa: N802
-        return await self._admin(grpc_context, request.adapter_id, "load_adapter", empty=pb.LoadAdapterResponse,
-                                 build=lambda info: pb.LoadAdapterResponse(adapter=pb.AdapterInfo(**info)))
+        return await self._admin(
+            grpc_context,
+            request.adapter_id,
+            "load_adapter",
+            empty=pb.LoadAdapterResponse,
+            build=lambda info: pb.LoadAdapterResponse(adapter=pb.AdapterInfo(**info)),
+        )
 
     async def UnloadAdapter(self, request, grpc_context):  # noqa: N802
-        return await self._admin(grpc_context, request.adapter_id, "unload_adapter", empty=pb.UnloadAdapterResponse,
-                                 build=lambda was: pb.UnloadAdapterResponse(was_resident=was))
+        return await self._admin(
+            grpc_context,
+            request.adapter_id,
+            "unload_adapter",
+            empty=pb.UnloadAdapterResponse,
+            build=lambda was: pb.UnloadAdapterResponse(was_resident=was),
+        )
 
     async def PinAdapter(self, request, grpc_context):  # noqa: N802
-        return await self._admin(grpc_context, request.adapter_id, "pin_adapter", request.pinned,
-                                 empty=pb.PinAdapterResponse,
-                                 build=lambda info: pb.PinAdapterResponse(adapter=pb.AdapterInfo(**info)))
+        return await self._admin(
+            grpc_context,
+            request.adapter_id,
+            "pin_adapter",
+            request.pinned,
+            empty=pb.PinAdapterResponse,
+            build=lambda info: pb.PinAdapterResponse(adapter=pb.AdapterInfo(**info)),
+        )
 
     async def Check(self, request, grpc_context):  # noqa: N802 (grpc.health.v1.Health/Check)
         """SERVING once a ModelServer answers: what Kubernetes gRPC probes ask (no key needed)."""
@@ -251,12 +275,29 @@ class Router:
         now = int(time.time())
         entries = []
         if key is None or key.may_use(""):
-            entries.append({"id": BASE_MODEL_ID, "object": "model", "created": now, "owned_by": "loraplex",
-                            "root": listing["base_model"], "precision": listing.get("base_precision", ""),
-                            "precision_note": listing.get("base_precision_note", "")})
-        entries += [{"id": a["adapter_id"], "object": "model", "created": now, "owned_by": "loraplex",
-                     "parent": BASE_MODEL_ID, "provenance": a.get("provenance", "")}
-                    for a in listing["adapters"] if key is None or key.may_use(a["adapter_id"])]
+            entries.append(
+                {
+                    "id": BASE_MODEL_ID,
+                    "object": "model",
+                    "created": now,
+                    "owned_by": "loraplex",
+                    "root": listing["base_model"],
+                    "precision": listing.get("base_precision", ""),
+                    "precision_note": listing.get("base_precision_note", ""),
+                }
+            )
+        entries += [
+            {
+                "id": a["adapter_id"],
+                "object": "model",
+                "created": now,
+                "owned_by": "loraplex",
+                "parent": BASE_MODEL_ID,
+                "provenance": a.get("provenance", ""),
+            }
+            for a in listing["adapters"]
+            if key is None or key.may_use(a["adapter_id"])
+        ]
         return {"object": "list", "data": entries}
 
     @http_app.post("/v1/completions")
@@ -302,7 +343,8 @@ class Router:
         import urllib.request
 
         raw = await asyncio.to_thread(
-            lambda: urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read())
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read()
+        )
         lines = [line for line in raw.decode().splitlines() if "loraplex_" in line]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
@@ -317,13 +359,15 @@ class Router:
             if not body.stream:
                 with gate:
                     result = await self._generate(adapter_id, call)
-                return JSONResponse(openai_response(result, chat, logprobs),
-                                    headers={"x-request-id": call["request_id"]})
+                return JSONResponse(
+                    openai_response(result, chat, logprobs), headers={"x-request-id": call["request_id"]}
+                )
             chunks = self._generate_stream(adapter_id, call)
             first = await chunks.__anext__()  # errors before any output still get a proper status
             events = sse(first, chunks, chat, logprobs, body.include_usage)
-            return StreamingResponse(held(gate, events), media_type="text/event-stream",
-                                     headers={"x-request-id": call["request_id"]})
+            return StreamingResponse(
+                held(gate, events), media_type="text/event-stream", headers={"x-request-id": call["request_id"]}
+            )
         except Exception as exc:
             gate.close()
             return openai_error(replica_cause(exc))

@@ -32,7 +32,11 @@ def embedded_base() -> Path:
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a project command as a user would, from the repo root (env: instead of this one's)."""
     return subprocess.run(
-        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**(os.environ if env is None else env), "PYTHONWARNINGS": "ignore"},
     )
 

@@ -11,8 +11,9 @@ def test_safe_ids_pass_and_map_to_distinct_module_safe_names(good):
     assert name.isidentifier() and name.startswith("t_") and name != good
 
 
-@pytest.mark.parametrize("bad", ["", "../etc", "a/b", "/abs", "a\\b", "a..b", ".hidden", "x\n", "a b",
-                                 "x" * 200, "é", None, 7])
+@pytest.mark.parametrize(
+    "bad", ["", "../etc", "a/b", "/abs", "a\\b", "a..b", ".hidden", "x\n", "a b", "x" * 200, "é", None, 7]
+)
 def test_unsafe_ids_are_refused_with_a_reason(bad):
     with pytest.raises(InvalidAdapterId):
         validate_adapter_id(bad)

@@ -24,11 +24,21 @@ from tests.conftest import run_cli
 from tests.test_lora_format import save_peft_adapter
 
 PROMPTS = [
-    "Repeat after me: alice paris\n", "What number comes after 41?\n", "Write a sentence about the red cat:\n",
-    "Reformat for Europe: 2022-09-18\n", "Ticket: my invoice is wrong\nQueue:\n", "Quote each word: tokyo\n",
+    "Repeat after me: alice paris\n",
+    "What number comes after 41?\n",
+    "Write a sentence about the red cat:\n",
+    "Reformat for Europe: 2022-09-18\n",
+    "Ticket: my invoice is wrong\nQueue:\n",
+    "Quote each word: tokyo\n",
 ]
-FOREIGN = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_rslora=True,
-               alpha_pattern={"v_proj": 40}, rank_pattern={"model.layers.2.self_attn.v_proj": 4})
+FOREIGN = dict(
+    r=8,
+    lora_alpha=16,
+    target_modules=["q_proj", "v_proj"],
+    use_rslora=True,
+    alpha_pattern={"v_proj": 40},
+    rank_pattern={"model.layers.2.self_attn.v_proj": 4},
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +49,20 @@ def imported(embedded_base, tmp_path_factory) -> Path:
     config = json.loads((src / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M"  # as a hub-trained adapter would say
     (src / "adapter_config.json").write_text(json.dumps(config))
-    done = run_cli("-m", "loraplex.cli", "adapters", "import", str(src), "--base", str(embedded_base),
-                   "--store", str(root / "store"), "--id", "foreign", timeout=300)
+    done = run_cli(
+        "-m",
+        "loraplex.cli",
+        "adapters",
+        "import",
+        str(src),
+        "--base",
+        str(embedded_base),
+        "--store",
+        str(root / "store"),
+        "--id",
+        "foreign",
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "trained on base 'HuggingFaceTB/SmolLM2-135M'" in done.stderr  # the warning, not a refusal
     return root / "store"
@@ -49,8 +71,11 @@ def imported(embedded_base, tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_import_writes_an_imported_manifest_with_the_checked_base(imported, embedded_base):
     folder = imported / "foreign"
-    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                        "loraplex.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "loraplex.json",
+    ]
     manifest = json.loads((folder / "loraplex.json").read_text())
     assert manifest["provenance"] == "imported"
     assert manifest["base_fingerprint"] == base_fingerprint(embedded_base)
@@ -78,19 +103,23 @@ def test_served_greedy_output_equals_peft_generate_alone_and_mixed(imported, emb
         bare = greedy_completions(peft_model, tokenizer, PROMPTS, 12, batch_size=1)
     assert reference != bare  # the adapter changes the outputs, so agreement is its doing
 
-    engine = create_engine(EngineConfig(base_model=str(embedded_base), adapters=str(imported), device="cpu",
-                                        max_batch=16, max_loras=4))
+    engine = create_engine(
+        EngineConfig(base_model=str(embedded_base), adapters=str(imported), device="cpu", max_batch=16, max_loras=4)
+    )
     greedy = SamplingParams(max_tokens=12, temperature=0)
     try:
-        alone = {(a, p): engine.submit(p, a, greedy).result(120)[0]
-                 for a in ("foreign", "plain-r16", "") for p in PROMPTS}
+        alone = {
+            (a, p): engine.submit(p, a, greedy).result(120)[0] for a in ("foreign", "plain-r16", "") for p in PROMPTS
+        }
         assert [alone["foreign", p] for p in PROMPTS] == reference
         streams = {(a, p): engine.submit(p, a, greedy) for p in PROMPTS for a in ("plain-r16", "foreign", "")}
         assert {key: s.result(120)[0] for key, s in streams.items()} == alone  # mixed ranks, mixed == solo
         assert engine.store.resident()["foreign"].rank == 8
         listing = asyncio.run(_list_adapters(engine))  # what /v1/models and ListAdapters are built from
         assert {a["adapter_id"]: a["provenance"] for a in listing["adapters"]} == {
-            "foreign": "imported", "plain-r16": "trained"}
+            "foreign": "imported",
+            "plain-r16": "trained",
+        }
     finally:
         engine.shutdown()
 
@@ -106,8 +135,21 @@ def test_merge_and_gguf_lora_export_accept_it_and_llama_cpp_reads_it_back(import
 
     adapter, lora_gguf, merged_dir = imported / "foreign", tmp_path / "foreign.gguf", tmp_path / "merged"
     for command, out, fmt in (("adapter-export", lora_gguf, "gguf-lora"), ("merge-export", merged_dir, "hf")):
-        done = run_cli("-m", "loraplex.convert", command, "--base", str(embedded_base), "--adapter", str(adapter),
-                       "--out", str(out), "--format", fmt, "--no-verify", timeout=300)
+        done = run_cli(
+            "-m",
+            "loraplex.convert",
+            command,
+            "--base",
+            str(embedded_base),
+            "--adapter",
+            str(adapter),
+            "--out",
+            str(out),
+            "--format",
+            fmt,
+            "--no-verify",
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr
     assert "each checked = W + s*B@A" in done.stdout + done.stderr  # merge checked against lora_format's scaling
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
@@ -142,8 +184,10 @@ REFUSED = {
     "dora": (dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True), "DoRA"),
     "lm_head": (dict(r=4, lora_alpha=8, target_modules=["v_proj", "lm_head"]), "lm_head"),
     "embedding": (dict(r=4, lora_alpha=8, target_modules=["v_proj", "embed_tokens"]), "embed_tokens"),
-    "modules_to_save": (dict(r=4, lora_alpha=8, target_modules=["v_proj"], modules_to_save=["lm_head"]),
-                        "modules_to_save"),
+    "modules_to_save": (
+        dict(r=4, lora_alpha=8, target_modules=["v_proj"], modules_to_save=["lm_head"]),
+        "modules_to_save",
+    ),
     "rank": (dict(r=4, lora_alpha=8, target_modules=["v_proj"], rank_pattern={"v_proj": 96}), "above the maximum"),
 }
 
@@ -194,10 +238,21 @@ def test_a_trainer_s_pickles_beside_safetensors_weights_stay_behind(embedded_bas
 
 
 def test_cli_refuses_with_one_line_errors(embedded_base, tmp_path):
-    src, _ = save_peft_adapter(embedded_base, tmp_path / "dora", r=4, lora_alpha=8, target_modules=["v_proj"],
-                               use_dora=True)
-    done = run_cli("-m", "loraplex.cli", "adapters", "import", str(src), "--base", str(embedded_base),
-                   "--store", str(tmp_path / "store"), timeout=300)
+    src, _ = save_peft_adapter(
+        embedded_base, tmp_path / "dora", r=4, lora_alpha=8, target_modules=["v_proj"], use_dora=True
+    )
+    done = run_cli(
+        "-m",
+        "loraplex.cli",
+        "adapters",
+        "import",
+        str(src),
+        "--base",
+        str(embedded_base),
+        "--store",
+        str(tmp_path / "store"),
+        timeout=300,
+    )
     assert done.returncode == 2 and done.stderr.startswith("error: ") and "DoRA" in done.stderr
     assert "Traceback" not in done.stderr
     ok, _ = save_peft_adapter(embedded_base, tmp_path / "ok", r=4, lora_alpha=8, target_modules=["v_proj"])
@@ -218,9 +273,12 @@ def test_slots_without_per_module_scaling_refuse_patterns_by_name(embedded_base,
     from loraplex.training.lora_format import base_linear_shapes
 
     loaded = {}
-    slots = SimpleNamespace(n_slots=3, module_shapes=base_linear_shapes(embedded_base),
-                            load_slot=lambda slot, weights: loaded.update({slot: weights}),
-                            clear_slot=lambda slot: loaded.pop(slot, None))
+    slots = SimpleNamespace(
+        n_slots=3,
+        module_shapes=base_linear_shapes(embedded_base),
+        load_slot=lambda slot, weights: loaded.update({slot: weights}),
+        clear_slot=lambda slot: loaded.pop(slot, None),
+    )
     for name, kwargs in (("patterned", FOREIGN), ("plain", dict(r=4, lora_alpha=8, target_modules=["v_proj"]))):
         src, _ = save_peft_adapter(embedded_base, tmp_path / name, **kwargs)
         import_adapter(src, embedded_base, tmp_path / "store", warn=lambda _: None)

@@ -8,7 +8,15 @@ import stat
 import pytest
 
 from loraplex.serving.auth import (
-    KeyFileError, KeysRequired, KeyTable, TenantLimits, add_key, auth_from_args, authorize, hash_key, require_admin,
+    KeyFileError,
+    KeysRequired,
+    KeyTable,
+    TenantLimits,
+    add_key,
+    auth_from_args,
+    authorize,
+    hash_key,
+    require_admin,
 )
 from loraplex.serving.errors import PermissionDenied, TenantLimitExceeded, Unauthenticated
 from tests.conftest import run_cli
@@ -36,23 +44,34 @@ def test_keys_are_stored_hashed_and_looked_up_by_hash(tmp_path):
         add_key(path, "acme", ["x"])
 
 
-@pytest.mark.parametrize("header, reason", [
-    (None, "missing"), ("", "missing"), ("Bearer", "malformed"), ("Token abc", "malformed"),
-    ("Bearer lpx_wrong", "unknown"),
-])
+@pytest.mark.parametrize(
+    "header, reason",
+    [
+        (None, "missing"),
+        ("", "missing"),
+        ("Bearer", "malformed"),
+        ("Token abc", "malformed"),
+        ("Bearer lpx_wrong", "unknown"),
+    ],
+)
 def test_bad_authorization_is_unauthenticated(tmp_path, header, reason):
     add_key(tmp_path / "k.yaml", "acme", ["acme"])
     with pytest.raises(Unauthenticated, match=reason):
         KeyTable.load(tmp_path / "k.yaml").authenticate(header)
 
 
-@pytest.mark.parametrize("text, reason", [
-    ("keys: []", "non-empty"), ("[1, 2", "not valid"), ("keys: [{name: a}]", "64 hex"),
-    ("keys: [{name: a, sha256: " + "a" * 64 + ", adapters: x}]", "list"),
-    ("keys: [{name: a, sha256: " + "a" * 64 + ", key: secret}]", "unknown fields"),
-    ("keys: [{name: a, sha256: " + "a" * 64 + ", max_concurrent: 0}]", "positive"),
-    ("keys: [{name: a, sha256: " + "a" * 64 + "}, {name: a, sha256: " + "b" * 64 + "}]", "twice"),
-])
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("keys: []", "non-empty"),
+        ("[1, 2", "not valid"),
+        ("keys: [{name: a}]", "64 hex"),
+        ("keys: [{name: a, sha256: " + "a" * 64 + ", adapters: x}]", "list"),
+        ("keys: [{name: a, sha256: " + "a" * 64 + ", key: secret}]", "unknown fields"),
+        ("keys: [{name: a, sha256: " + "a" * 64 + ", max_concurrent: 0}]", "positive"),
+        ("keys: [{name: a, sha256: " + "a" * 64 + "}, {name: a, sha256: " + "b" * 64 + "}]", "twice"),
+    ],
+)
 def test_malformed_key_files_are_refused_with_the_place(text, reason):
     with pytest.raises(KeyFileError, match=reason):
         KeyTable.parse(text, "keys.yaml")
@@ -81,8 +100,20 @@ def test_own_adapters_need_keys_the_demo_store_does_not(tmp_path, monkeypatch):
 
 
 def test_cli_adds_keys_and_serve_refuses_own_adapters_without_keys(tmp_path):
-    added = run_cli("-m", "loraplex.cli", "keys", "add", "--file", str(tmp_path / "k.yaml"), "--name", "acme",
-                    "--adapters", "acme-*", "--max-new-tokens", "32")
+    added = run_cli(
+        "-m",
+        "loraplex.cli",
+        "keys",
+        "add",
+        "--file",
+        str(tmp_path / "k.yaml"),
+        "--name",
+        "acme",
+        "--adapters",
+        "acme-*",
+        "--max-new-tokens",
+        "32",
+    )
     assert added.returncode == 0 and added.stdout.strip().startswith("lpx_") and "shown once" in added.stderr
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_API_KEYS")}
     refused = run_cli("-m", "loraplex.cli", "serve", "--adapters", str(tmp_path), env=env)

@@ -47,16 +47,36 @@ def test_bounded_load_scales_one_to_two_and_back(embedded_base, tmp_path):
     port = free_port()
     try:
         serve.start(http_options=HTTPOptions(host="127.0.0.1", port=port))
-        scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
-                   "upscale_delay_s": 1, "downscale_delay_s": 5, "metrics_interval_s": 0.5, "look_back_period_s": 2}
-        serve.run(build_app({"base_model": str(embedded_base), "adapters": str(tmp_path), "autoscaling_config": scaling,
-                             "allow_unauthenticated": True}),
-                  name="loraplex", route_prefix="/")
+        scaling = {
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "target_ongoing_requests": 2,
+            "upscale_delay_s": 1,
+            "downscale_delay_s": 5,
+            "metrics_interval_s": 0.5,
+            "look_back_period_s": 2,
+        }
+        serve.run(
+            build_app(
+                {
+                    "base_model": str(embedded_base),
+                    "adapters": str(tmp_path),
+                    "autoscaling_config": scaling,
+                    "allow_unauthenticated": True,
+                }
+            ),
+            name="loraplex",
+            route_prefix="/",
+        )
         assert running_replicas() == 1
 
         stop, sent, errors = threading.Event(), [0], []
-        body = {"model": "initech-tickets", "prompt": "Ticket: my invoice is wrong\nQueue:\n", "max_tokens": 32,
-                "temperature": 0}
+        body = {
+            "model": "initech-tickets",
+            "prompt": "Ticket: my invoice is wrong\nQueue:\n",
+            "max_tokens": 32,
+            "temperature": 0,
+        }
 
         def client():
             with httpx.Client(timeout=120) as http:

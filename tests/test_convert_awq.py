@@ -59,7 +59,8 @@ def test_llmcompressor_patch_target_is_unchanged():
 
     compat.check_llmcompressor()
     assert compat.pin_memory_source_sha256() == compat.PIN_MEMORY_SOURCE_SHA256, (
-        "llmcompressor's IntermediatesCache.pin_memory changed: re-check convert/llmcompressor_compat.py")
+        "llmcompressor's IntermediatesCache.pin_memory changed: re-check convert/llmcompressor_compat.py"
+    )
 
 
 def test_pinning_swap_is_scoped_and_restored():
@@ -89,5 +90,7 @@ def test_missing_llmcompressor_names_the_extra_that_brings_it(monkeypatch):
     with pytest.raises(LoraplexError, match=r"loraplex\[(\w+)\]") as info:
         awq_export._awq_recipe(4, 128)
     extra = re.search(r"loraplex\[(\w+)\]", str(info.value)).group(1)
-    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
     assert any(dep.startswith("llmcompressor") for dep in extras[extra])

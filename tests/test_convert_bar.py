@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from tests.conftest import REPO, run_cli
 from loraplex.training.demo import demo_tenants
+from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is part of the dev setup (make test)")
@@ -23,9 +23,23 @@ def export(tmp_path, tenant: str, fmt: str, out_name: str, *extra: str) -> dict:
     out = tmp_path / out_name
     eval_data = str(REPO / "training" / "data" / tenant / "eval.jsonl")
     command = "adapter-export" if fmt == "gguf-lora" else "merge-export"
-    done = run_cli("-m", "convert", command, "--base", BASE, "--adapter",
-                   str(REPO / "training" / "adapters" / tenant), "--out", str(out), "--format", fmt,
-                   "--eval-data", eval_data, *extra, timeout=1800)
+    done = run_cli(
+        "-m",
+        "convert",
+        command,
+        "--base",
+        BASE,
+        "--adapter",
+        str(REPO / "training" / "adapters" / tenant),
+        "--out",
+        str(out),
+        "--format",
+        fmt,
+        "--eval-data",
+        eval_data,
+        *extra,
+        timeout=1800,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = out.with_suffix(".verify.json") if out.suffix else out / "export.verify.json"
     return json.loads(report.read_text())
@@ -48,8 +62,16 @@ def test_demo_tenant_exports_reach_the_bar(tmp_path, tenant):
     lora = export(tmp_path, tenant, "gguf-lora", "adapter.gguf")
     assert abs(lora["lora_vs_merged_exact_match_points"]) <= 2, lora
     results["gguf base F16 + gguf LoRA"] = lora["comparisons"][0]["exact_match"]
-    awq = export(tmp_path, tenant, "awq", "awq", "--calib-data",
-                 str(REPO / "training" / "data" / tenant / "train.jsonl"), "--calib-rows", "128")
+    awq = export(
+        tmp_path,
+        tenant,
+        "awq",
+        "awq",
+        "--calib-data",
+        str(REPO / "training" / "data" / tenant / "train.jsonl"),
+        "--calib-rows",
+        "128",
+    )
     assert awq["comparisons"][0]["exact_match"] >= 0.80, awq
     results["awq w4 g128"] = awq["comparisons"][0]["exact_match"]
     print(f"\n{tenant}: " + ", ".join(f"{k} {v:.0%}" for k, v in results.items()))

@@ -32,7 +32,10 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:
 def sequences(tokenizer) -> list[list[int]]:
     out = []
     for row in EVAL_ROWS:
-        ids = encode_prompt(tokenizer, row["prompt"]) + tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+        ids = (
+            encode_prompt(tokenizer, row["prompt"])
+            + tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+        )
         out.append(ids)
     return out
 
@@ -94,8 +97,11 @@ def test_llama_cpp_tokenizer_gives_the_hf_token_ids(merged):
 
     tokenizer = AutoTokenizer.from_pretrained(str(merged / "merged"))
     llm = llamacpp_check.load_gguf(write_gguf(merged / "merged", merged / "tok.gguf", "Q8_0", **QUIET))
-    texts = [row["prompt"] for row in EVAL_ROWS] + [row["completion"] for row in EVAL_ROWS] + [
-        "  leading spaces", "tabs\tand\nnewlines\n\n", "ünïcödé — dashes", "numbers 1234567 and 3.14", "emoji 🙂!"]
+    texts = (
+        [row["prompt"] for row in EVAL_ROWS]
+        + [row["completion"] for row in EVAL_ROWS]
+        + ["  leading spaces", "tabs\tand\nnewlines\n\n", "ünïcödé — dashes", "numbers 1234567 and 3.14", "emoji 🙂!"]
+    )
     for text in texts:
         assert llamacpp_check.tokenize(llm, text) == encode_prompt(tokenizer, text), text
 
@@ -124,8 +130,16 @@ def test_other_llama_family_configs_export_faithfully(embedded_base, tmp_path, f
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    dims = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=2048, max_position_embeddings=256, tie_word_embeddings=False)
+    dims = dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=2048,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     if family == "mistral":
         model = MistralForCausalLM(MistralConfig(**dims, sliding_window=None))
     else:

@@ -10,15 +10,16 @@ import torch
 from safetensors.torch import load_file
 
 from loraplex.convert.merge import check_adapter_matches_base, merge_adapter
-from tests.conftest import run_cli
 from loraplex.training.errors import BaseMismatch, DataError
 from loraplex.training.random_adapter import make_random_adapter
+from tests.conftest import run_cli
 
 
 @pytest.fixture(scope="module")
 def random_adapter(embedded_base, tmp_path_factory):
-    return make_random_adapter(embedded_base, tmp_path_factory.mktemp("adapters") / "rand", seed=3, rank=8,
-                               alpha=16, std=0.05)
+    return make_random_adapter(
+        embedded_base, tmp_path_factory.mktemp("adapters") / "rand", seed=3, rank=8, alpha=16, std=0.05
+    )
 
 
 def test_merged_weight_is_base_plus_scaled_b_times_a(embedded_base, random_adapter):
@@ -66,8 +67,14 @@ def test_adapter_for_another_base_is_refused_unless_forced(embedded_base, random
 def test_adapter_of_another_architecture_is_a_clear_error(embedded_base, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, vocab_size=2048)
+    config = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=2048,
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path / "small")
     adapter = make_random_adapter(tmp_path / "small", tmp_path / "small-adapter", seed=1, rank=4)
     with pytest.raises(DataError, match="does not fit base"):
@@ -75,13 +82,36 @@ def test_adapter_of_another_architecture_is_a_clear_error(embedded_base, tmp_pat
 
 
 def test_cli_bad_inputs_get_one_line_errors(embedded_base, tmp_path):
-    missing = run_cli("-m", "convert", "merge-export", "--base", str(embedded_base), "--adapter",
-                      str(tmp_path / "nope"), "--out", str(tmp_path / "o.gguf"), "--format", "gguf")
+    missing = run_cli(
+        "-m",
+        "convert",
+        "merge-export",
+        "--base",
+        str(embedded_base),
+        "--adapter",
+        str(tmp_path / "nope"),
+        "--out",
+        str(tmp_path / "o.gguf"),
+        "--format",
+        "gguf",
+    )
     assert missing.returncode == 2 and "adapter not found" in missing.stderr
-    quant = run_cli("-m", "convert", "merge-export", "--base", str(embedded_base), "--out", str(tmp_path / "o.gguf"),
-                    "--format", "gguf", "--quant", "Q3_K_XS")
+    quant = run_cli(
+        "-m",
+        "convert",
+        "merge-export",
+        "--base",
+        str(embedded_base),
+        "--out",
+        str(tmp_path / "o.gguf"),
+        "--format",
+        "gguf",
+        "--quant",
+        "Q3_K_XS",
+    )
     assert quant.returncode == 2 and "invalid choice: 'Q3_K_XS'" in quant.stderr
-    awq = run_cli("-m", "convert", "merge-export", "--base", str(embedded_base), "--out", str(tmp_path / "awq"),
-                  "--format", "awq")
+    awq = run_cli(
+        "-m", "convert", "merge-export", "--base", str(embedded_base), "--out", str(tmp_path / "awq"), "--format", "awq"
+    )
     assert awq.returncode == 2 and "--calib-data" in awq.stderr
     assert "Traceback" not in missing.stderr + quant.stderr + awq.stderr

@@ -66,8 +66,16 @@ def test_retraining_a_tenant_from_scratch_reaches_the_bar(tmp_path):
     tenant = "globex-routing"
     train_path, eval_path = tenant_data(tenant)
     started = time.time()
-    proc = run_cli("training/run.py", "--data", str(train_path), "--eval-data", str(eval_path),
-                   "--output", str(tmp_path / tenant), timeout=900)
+    proc = run_cli(
+        "training/run.py",
+        "--data",
+        str(train_path),
+        "--eval-data",
+        str(eval_path),
+        "--output",
+        str(tmp_path / tenant),
+        timeout=900,
+    )
     elapsed = time.time() - started
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / tenant / "loraplex.json").read_text())

@@ -39,7 +39,9 @@ def app_args_are_accepted(app: dict, tmp_path) -> None:
 @pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config_vllm.yaml"])
 def test_serve_configs_name_real_servicers_and_valid_app_args(name, tmp_path):
     config = yaml.safe_load((DEPLOY / name).read_text())
-    assert config["grpc_options"]["grpc_servicer_functions"] == ["loraplex.serving.grpc_servicer.add_servicer_to_server"]
+    assert config["grpc_options"]["grpc_servicer_functions"] == [
+        "loraplex.serving.grpc_servicer.add_servicer_to_server"
+    ]
     from loraplex.serving.grpc_servicer import add_servicer_to_server  # noqa: F401  the proxy imports it by name
 
     for app in config["applications"]:

@@ -26,8 +26,12 @@ from loraplex.training.random_adapter import make_random_adapter
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 PROMPTS = [
-    "Repeat after me: alice paris\n", "What number comes after 41?\n", "Write a sentence about the red cat:\n",
-    "Reformat for Europe: 2022-09-18\n", "Ticket: my invoice is wrong\nQueue:\n", "Quote each word: tokyo\n",
+    "Repeat after me: alice paris\n",
+    "What number comes after 41?\n",
+    "Write a sentence about the red cat:\n",
+    "Reformat for Europe: 2022-09-18\n",
+    "Ticket: my invoice is wrong\nQueue:\n",
+    "Quote each word: tokyo\n",
 ]
 
 
@@ -50,11 +54,20 @@ def _vllm_missing() -> str | None:
 NO_CUDA = not torch.cuda.is_available()
 ENGINES = [
     pytest.param({"engine": "torch", "device": "cpu"}, id="torch-cpu"),
-    pytest.param({"engine": "torch", "device": "cuda"}, id="torch-cuda",
-                 marks=pytest.mark.skipif(NO_CUDA, reason="no CUDA GPU: torch engine on CUDA not run")),
-    pytest.param({"engine": "vllm"}, id="vllm", marks=[
-        pytest.mark.vllm, pytest.mark.slow,
-        pytest.mark.skipif(_vllm_missing() is not None, reason=f"vllm engine: {_vllm_missing()}")]),
+    pytest.param(
+        {"engine": "torch", "device": "cuda"},
+        id="torch-cuda",
+        marks=pytest.mark.skipif(NO_CUDA, reason="no CUDA GPU: torch engine on CUDA not run"),
+    ),
+    pytest.param(
+        {"engine": "vllm"},
+        id="vllm",
+        marks=[
+            pytest.mark.vllm,
+            pytest.mark.slow,
+            pytest.mark.skipif(_vllm_missing() is not None, reason=f"vllm engine: {_vllm_missing()}"),
+        ],
+    ),
 ]
 
 
@@ -63,8 +76,9 @@ def engine(request, embedded_base, adapter_source, tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
     for i in range(4):
         shutil.copytree(adapter_source / f"rand-{i}", store / f"rand-{i}")
-    eng = create_engine(EngineConfig(base_model=str(embedded_base), adapters=str(store), max_batch=16,
-                                     max_loras=4, **request.param))
+    eng = create_engine(
+        EngineConfig(base_model=str(embedded_base), adapters=str(store), max_batch=16, max_loras=4, **request.param)
+    )
     yield eng
     eng.shutdown()
 
@@ -111,7 +125,9 @@ def test_streaming_chunks_add_up_to_the_unary_text(engine):
     events = list(stream)
     assert events[-1].final and events[-1].finish_reason in ("stop", "length")
     assert all(not e.final for e in events[:-1]) and len(events) > 2
-    assert "".join(e.text for e in events) == solo(engine, PROMPTS[2], "rand-2", SamplingParams(max_tokens=20, temperature=0))
+    assert "".join(e.text for e in events) == solo(
+        engine, PROMPTS[2], "rand-2", SamplingParams(max_tokens=20, temperature=0)
+    )
     assert events[-1].completion_tokens > 0 and events[-1].prompt_tokens > 0
 
 
@@ -127,13 +143,16 @@ def test_stop_strings_end_the_output(engine):
     assert stop not in text and full.startswith(text) and final.finish_reason == "stop"
 
 
-@pytest.mark.parametrize("params, prompt, reason", [
-    (SamplingParams(max_tokens=0), "hi", "max_tokens"),
-    (SamplingParams(max_tokens=4, temperature=-1), "hi", "temperature"),
-    (SamplingParams(max_tokens=4, top_p=0), "hi", "top_p"),
-    (SamplingParams(max_tokens=4), "", "empty"),
-    (SamplingParams(max_tokens=250), "word " * 40, "exceeds the context"),
-])
+@pytest.mark.parametrize(
+    "params, prompt, reason",
+    [
+        (SamplingParams(max_tokens=0), "hi", "max_tokens"),
+        (SamplingParams(max_tokens=4, temperature=-1), "hi", "temperature"),
+        (SamplingParams(max_tokens=4, top_p=0), "hi", "top_p"),
+        (SamplingParams(max_tokens=4), "", "empty"),
+        (SamplingParams(max_tokens=250), "word " * 40, "exceeds the context"),
+    ],
+)
 def test_invalid_requests_are_refused_with_the_reason(engine, params, prompt, reason):
     with pytest.raises(InvalidRequest, match=reason):
         engine.submit(prompt, "", params)
@@ -173,8 +192,9 @@ def wait_for(condition, what: str, timeout: float = 30.0) -> None:
 def test_deadline_ends_a_request_with_deadline_exceeded(engine):
     from loraplex.serving.errors import DeadlineExceeded
 
-    stream = engine.submit(PROMPTS[2], "rand-1", SamplingParams(max_tokens=200, temperature=0, ignore_eos=True),
-                           timeout=0.2)
+    stream = engine.submit(
+        PROMPTS[2], "rand-1", SamplingParams(max_tokens=200, temperature=0, ignore_eos=True), timeout=0.2
+    )
     with pytest.raises(DeadlineExceeded):
         stream.result(60)
     _, final = engine.submit(PROMPTS[2], "rand-1", GREEDY).result(60)  # the engine keeps serving
@@ -223,8 +243,9 @@ def test_lru_eviction_and_pinning(embedded_base, adapter_source, tmp_path):
     for i in range(4):
         shutil.copytree(adapter_source / f"rand-{i}", tmp_path / f"rand-{i}")
     metrics = ServingMetrics()
-    eng = TorchEngine(EngineConfig(base_model=str(embedded_base), adapters=str(tmp_path), max_batch=4, max_loras=2),
-                 metrics=metrics)
+    eng = TorchEngine(
+        EngineConfig(base_model=str(embedded_base), adapters=str(tmp_path), max_batch=4, max_loras=2), metrics=metrics
+    )
     try:
         eng.store.pin("rand-0")
         for adapter in ("rand-1", "rand-2", "rand-3", "rand-1"):

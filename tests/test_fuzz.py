@@ -16,8 +16,8 @@ from loraplex.serving.engine.sampling import SamplingParams, sample_next
 from loraplex.serving.errors import InvalidRequest
 from loraplex.serving.requests import ChatCompletionBody, CompletionBody, call_from_proto
 from loraplex.training.adapter_id import MAX_ID_LENGTH, internal_name, validate_adapter_id
-from tests.strategies import finite_or_not, hostile_text, json_values, mutated_bodies, proto_requests
 from loraplex.training.errors import InvalidAdapterId, LoraplexError
+from tests.strategies import finite_or_not, hostile_text, json_values, mutated_bodies, proto_requests
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -67,8 +67,11 @@ def test_openai_completion_bodies_parse_or_are_refused(body):
 
 
 @FUZZ
-@given(st.one_of(json_values, mutated_bodies(
-    {"model": "acme", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})))
+@given(
+    st.one_of(
+        json_values, mutated_bodies({"model": "acme", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    )
+)
 def test_openai_chat_bodies_parse_or_are_refused(body):
     _openai_body_is_handled(ChatCompletionBody, body)
 
@@ -86,8 +89,13 @@ def _openai_body_is_handled(schema, body) -> None:
 
 
 @FUZZ
-@given(st.lists(st.floats(-1e30, 1e30), min_size=8, max_size=8), finite_or_not, st.floats(0.01, 1),
-       st.integers(0, 20), st.integers(0, 2**63 - 1))
+@given(
+    st.lists(st.floats(-1e30, 1e30), min_size=8, max_size=8),
+    finite_or_not,
+    st.floats(0.01, 1),
+    st.integers(0, 20),
+    st.integers(0, 2**63 - 1),
+)
 def test_sampling_never_fails_on_validated_params(logits, temperature, top_p, top_k, seed):
     params = SamplingParams(max_tokens=1, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     try:
@@ -104,16 +112,23 @@ def engine(embedded_base, tmp_path_factory):
     from loraplex.serving.engine import EngineConfig
     from loraplex.serving.engine.engine import TorchEngine
 
-    eng = TorchEngine(EngineConfig(base_model=str(embedded_base), adapters=str(tmp_path_factory.mktemp("empty")),
-                              max_batch=4, max_new_tokens=8))
+    eng = TorchEngine(
+        EngineConfig(
+            base_model=str(embedded_base), adapters=str(tmp_path_factory.mktemp("empty")), max_batch=4, max_new_tokens=8
+        )
+    )
     yield eng
     eng.shutdown(drain=False)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(prompt=hostile_text, adapter=st.one_of(st.just(""), hostile_text),
-       max_tokens=st.one_of(st.none(), st.integers(-5, 12), st.integers(2**31, 2**70)), temperature=finite_or_not,
-       stop=st.lists(st.text(alphabet=string.printable, max_size=70), max_size=10))
+@given(
+    prompt=hostile_text,
+    adapter=st.one_of(st.just(""), hostile_text),
+    max_tokens=st.one_of(st.none(), st.integers(-5, 12), st.integers(2**31, 2**70)),
+    temperature=finite_or_not,
+    stop=st.lists(st.text(alphabet=string.printable, max_size=70), max_size=10),
+)
 def test_engine_submission_is_queued_or_refused_with_a_reason(engine, prompt, adapter, max_tokens, temperature, stop):
     """What a replica does with a request: submit, and the engine thread survives whatever comes."""
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, stop=tuple(stop))

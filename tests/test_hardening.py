@@ -17,10 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import free_port
 from loraplex.training.data import load_jsonl
 from loraplex.training.demo import demo_adapter_dir, tenant_data
 from loraplex.training.evaluate import is_exact_match
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -57,9 +57,16 @@ def server(embedded_base, tmp_path_factory):
         "admin": add_key(key_file, "admin", [], admin=True),
     }
     assert all(key not in key_file.read_text() for key in keys.values())  # only hashes on disk
-    options = ServeOptions(base_model=str(embedded_base), adapters=str(store), api_keys=str(key_file),
-                           http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                           num_cpus=2, max_batch=16)
+    options = ServeOptions(
+        base_model=str(embedded_base),
+        adapters=str(store),
+        api_keys=str(key_file),
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        num_cpus=2,
+        max_batch=16,
+    )
     start(options)
     yield options, store, keys, marker
     stop()
@@ -101,8 +108,12 @@ def http(server, path: str, key: str | None, body: dict | None = None, **kw) -> 
 
 
 def completion(server, key, model: str, prompt: str = "hello\n", max_tokens: int = 4, **fields) -> httpx.Response:
-    return http(server, "/v1/completions", key, {"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                                                  "temperature": 0, **fields})
+    return http(
+        server,
+        "/v1/completions",
+        key,
+        {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **fields},
+    )
 
 
 def metadata(key: str | None, adapter: str) -> tuple:
@@ -142,6 +153,7 @@ def assert_still_serving(stub, server, keys) -> None:
 
 # -- 1. auth -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("authorization", [None, "Bearer lpx_not-a-key", "Basic dXNlcjpwYXNz", "Bearer", "lpx_raw"])
 def test_missing_or_unknown_keys_are_unauthenticated(server, stub, authorization):
     from loraplex.v1 import loraplex_pb2 as pb
@@ -149,14 +161,20 @@ def test_missing_or_unknown_keys_are_unauthenticated(server, stub, authorization
     md = (("multiplexed_model_id", ACME),) + ((("authorization", authorization),) if authorization else ())
     request = pb.GenerateRequest(prompt="hello\n", max_tokens=4)
     assert grpc_code(lambda: stub.Generate(request, metadata=md, timeout=60)) == grpc.StatusCode.UNAUTHENTICATED
-    assert grpc_code(lambda: list(stub.GenerateStream(request, metadata=md, timeout=60))) == \
-        grpc.StatusCode.UNAUTHENTICATED
-    assert grpc_code(lambda: stub.ListAdapters(pb.ListAdaptersRequest(), metadata=md, timeout=60)) == \
-        grpc.StatusCode.UNAUTHENTICATED
+    assert (
+        grpc_code(lambda: list(stub.GenerateStream(request, metadata=md, timeout=60)))
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
+    assert (
+        grpc_code(lambda: stub.ListAdapters(pb.ListAdaptersRequest(), metadata=md, timeout=60))
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
     headers = {"authorization": authorization} if authorization else {}
     url = f"http://127.0.0.1:{server[0].http_port}"
-    for path, body in (("/v1/completions", {"model": ACME, "prompt": "hi", "max_tokens": 2}),
-                       ("/v1/chat/completions", {"model": ACME, "messages": [{"role": "user", "content": "hi"}]})):
+    for path, body in (
+        ("/v1/completions", {"model": ACME, "prompt": "hi", "max_tokens": 2}),
+        ("/v1/chat/completions", {"model": ACME, "messages": [{"role": "user", "content": "hi"}]}),
+    ):
         reply = httpx.post(url + path, json=body, headers=headers, timeout=60)
         assert reply.status_code == 401 and reply.json()["error"]["type"] == "authentication_error"
     assert httpx.get(url + "/v1/models", headers=headers, timeout=60).status_code == 401
@@ -177,10 +195,15 @@ def test_refused_requests_are_counted_with_their_status(server, stub):
 
     def counted() -> bool:
         text = urllib.request.urlopen(url, timeout=10).read().decode()
-        lines = [line for line in text.splitlines() if "loraplex_requests_total{" in line  # ray_ prefix
-                 and f'adapter="{INITECH}"' in line]
-        return any('code="UNAUTHENTICATED"' in line for line in lines) and \
-            any('code="PERMISSION_DENIED"' in line for line in lines)
+        lines = [
+            line
+            for line in text.splitlines()
+            if "loraplex_requests_total{" in line  # ray_ prefix
+            and f'adapter="{INITECH}"' in line
+        ]
+        return any('code="UNAUTHENTICATED"' in line for line in lines) and any(
+            'code="PERMISSION_DENIED"' in line for line in lines
+        )
 
     wait_for(counted, timeout=60)  # Ray exports metrics every few seconds
 
@@ -190,7 +213,10 @@ def test_another_tenants_adapter_is_permission_denied(server, stub):
 
     keys = server[2]
     for key, adapter in ((keys["acme"], GLOBEX), (keys["acme"], ""), (keys["globex"], ACME)):
-        assert grpc_code(lambda: generate(stub, key, adapter)) == grpc.StatusCode.PERMISSION_DENIED
+        assert (
+            grpc_code(lambda key=key, adapter=adapter: generate(stub, key, adapter))
+            == grpc.StatusCode.PERMISSION_DENIED
+        )
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{server[0].http_port}/v1", api_key=key, max_retries=0)
         with pytest.raises(openai.PermissionDeniedError, match="may not use"):
             client.completions.create(model=adapter or "base", prompt="hello\n", max_tokens=4)
@@ -207,17 +233,20 @@ def test_admin_rpcs_need_an_admin_key(server, stub):
 
     keys = server[2]
     calls = {
-        "load": lambda key: stub.LoadAdapter(pb.LoadAdapterRequest(adapter_id=ACME), metadata=metadata(key, ACME),
-                                             timeout=60),
-        "pin": lambda key: stub.PinAdapter(pb.PinAdapterRequest(adapter_id=ACME, pinned=True),
-                                           metadata=metadata(key, ACME), timeout=60),
-        "unload": lambda key: stub.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=ACME),
-                                                 metadata=metadata(key, ACME), timeout=60),
+        "load": lambda key: stub.LoadAdapter(
+            pb.LoadAdapterRequest(adapter_id=ACME), metadata=metadata(key, ACME), timeout=60
+        ),
+        "pin": lambda key: stub.PinAdapter(
+            pb.PinAdapterRequest(adapter_id=ACME, pinned=True), metadata=metadata(key, ACME), timeout=60
+        ),
+        "unload": lambda key: stub.UnloadAdapter(
+            pb.UnloadAdapterRequest(adapter_id=ACME), metadata=metadata(key, ACME), timeout=60
+        ),
     }
     for name, call in calls.items():
-        assert grpc_code(lambda: call(keys["acme"])) == grpc.StatusCode.PERMISSION_DENIED, name
-        assert grpc_code(lambda: call(keys["any"])) == grpc.StatusCode.PERMISSION_DENIED, name
-        assert grpc_code(lambda: call(None)) == grpc.StatusCode.UNAUTHENTICATED, name
+        assert grpc_code(lambda call=call: call(keys["acme"])) == grpc.StatusCode.PERMISSION_DENIED, name
+        assert grpc_code(lambda call=call: call(keys["any"])) == grpc.StatusCode.PERMISSION_DENIED, name
+        assert grpc_code(lambda call=call: call(None)) == grpc.StatusCode.UNAUTHENTICATED, name
     assert calls["load"](keys["admin"]).adapter.resident
     assert calls["pin"](keys["admin"]).adapter.pinned
     assert calls["unload"](keys["admin"]).was_resident
@@ -227,18 +256,22 @@ def test_admin_rpcs_need_an_admin_key(server, stub):
 
 # -- 2. hostile adapter IDs and folders -----------------------------------------------------------
 
-@pytest.mark.parametrize("adapter, grpc_status, http_status", [
-    ("../acme-fiscal", "INVALID_ARGUMENT", 400),
-    ("..", "INVALID_ARGUMENT", 400),
-    ("/etc/passwd", "INVALID_ARGUMENT", 400),
-    ("acme-fiscal/../globex-routing", "INVALID_ARGUMENT", 400),
-    ("a\\b", "INVALID_ARGUMENT", 400),
-    ("%2e%2e%2fetc", "INVALID_ARGUMENT", 400),
-    ("bad-symlink", "FAILED_PRECONDITION", 422),
-    ("bad-pickle", "FAILED_PRECONDITION", 422),
-    ("bad-truncated", "FAILED_PRECONDITION", 422),
-    ("no-such-adapter", "NOT_FOUND", 404),
-])
+
+@pytest.mark.parametrize(
+    "adapter, grpc_status, http_status",
+    [
+        ("../acme-fiscal", "INVALID_ARGUMENT", 400),
+        ("..", "INVALID_ARGUMENT", 400),
+        ("/etc/passwd", "INVALID_ARGUMENT", 400),
+        ("acme-fiscal/../globex-routing", "INVALID_ARGUMENT", 400),
+        ("a\\b", "INVALID_ARGUMENT", 400),
+        ("%2e%2e%2fetc", "INVALID_ARGUMENT", 400),
+        ("bad-symlink", "FAILED_PRECONDITION", 422),
+        ("bad-pickle", "FAILED_PRECONDITION", 422),
+        ("bad-truncated", "FAILED_PRECONDITION", 422),
+        ("no-such-adapter", "NOT_FOUND", 404),
+    ],
+)
 def test_hostile_adapters_are_refused_and_the_server_keeps_serving(server, stub, adapter, grpc_status, http_status):
     from loraplex.v1 import loraplex_pb2 as pb
 
@@ -248,8 +281,9 @@ def test_hostile_adapters_are_refused_and_the_server_keeps_serving(server, stub,
     reply = completion(server, keys["any"], adapter)
     assert reply.status_code == http_status and reply.json()["error"]["message"]
     load = pb.LoadAdapterRequest(adapter_id=adapter)
-    assert grpc_code(lambda: stub.LoadAdapter(load, metadata=metadata(keys["admin"], adapter), timeout=60)) == \
-        getattr(grpc.StatusCode, grpc_status)
+    assert grpc_code(lambda: stub.LoadAdapter(load, metadata=metadata(keys["admin"], adapter), timeout=60)) == getattr(
+        grpc.StatusCode, grpc_status
+    )
     assert_still_serving(stub, server, keys)
 
 
@@ -277,14 +311,17 @@ def test_a_corrupted_adapter_is_refused_while_others_keep_serving(server, stub):
     data = bytearray(weights.read_bytes())
     data[8:40] = b"{" * 32  # a broken safetensors header: a new version on disk that cannot load
     weights.write_bytes(bytes(data))
-    assert grpc_code(lambda: generate(stub, keys["any"], "rotting", row["prompt"], 8)) == \
-        grpc.StatusCode.FAILED_PRECONDITION
+    assert (
+        grpc_code(lambda: generate(stub, keys["any"], "rotting", row["prompt"], 8))
+        == grpc.StatusCode.FAILED_PRECONDITION
+    )
     reply = completion(server, keys["any"], "rotting")
     assert reply.status_code == 422 and "unreadable" in reply.json()["error"]["message"]
     assert_still_serving(stub, server, keys)
 
 
 # -- 3. limits, deadlines, cancellation ------------------------------------------------------------
+
 
 def test_tenant_limits_are_resource_exhausted(server, stub):
     from loraplex.v1 import loraplex_pb2 as pb
@@ -309,15 +346,22 @@ def test_tenant_limits_are_resource_exhausted(server, stub):
     else:
         pytest.fail("the tenant's place was not given back")
     # max_new_tokens=16 and max_prompt_tokens=24
-    assert grpc_code(lambda: generate(stub, keys["capped"], INITECH, max_tokens=17)) == \
-        grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert grpc_code(lambda: generate(stub, keys["capped"], INITECH, prompt="word " * 40)) == \
-        grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (
+        grpc_code(lambda: generate(stub, keys["capped"], INITECH, max_tokens=17)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
+    assert (
+        grpc_code(lambda: generate(stub, keys["capped"], INITECH, prompt="word " * 40))
+        == grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
     assert completion(server, keys["capped"], INITECH, max_tokens=17).status_code == 429
     assert completion(server, keys["capped"], INITECH, prompt="word " * 40).status_code == 429
     assert generate(stub, keys["capped"], INITECH, max_tokens=16).completion_tokens <= 16
-    chat = http(server, "/v1/chat/completions", keys["capped"],
-                {"model": INITECH, "messages": [{"role": "user", "content": "hi"}], "temperature": 0})
+    chat = http(
+        server,
+        "/v1/chat/completions",
+        keys["capped"],
+        {"model": INITECH, "messages": [{"role": "user", "content": "hi"}], "temperature": 0},
+    )
     assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] <= 16  # capped, not refused
 
 
@@ -335,8 +379,7 @@ def test_grpc_deadline_is_deadline_exceeded_and_stops_the_work(server, stub):
     keys = server[2]
     before = replica_stats(server)
     started = time.time()
-    code = grpc_code(lambda: generate(stub, keys["globex"], GLOBEX, max_tokens=LONG, timeout=0.4,
-                                      ignore_eos=True))
+    code = grpc_code(lambda: generate(stub, keys["globex"], GLOBEX, max_tokens=LONG, timeout=0.4, ignore_eos=True))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     # the server stopped it: nothing runs, and it ended well before LONG tokens were decoded
     after = wait_for(lambda: (s := replica_stats(server))["running"] == 0 and s)
@@ -357,10 +400,21 @@ def test_a_cancelled_request_frees_its_batch_row_within_one_decode_step(server, 
         next(stream)
         stream.cancel()
     else:
-        body = {"model": ACME, "prompt": "hello\n", "max_tokens": LONG, "temperature": 0, "stream": True,
-                "ignore_eos": True}
-        with httpx.stream("POST", f"http://127.0.0.1:{server[0].http_port}/v1/completions", json=body,
-                          headers={"authorization": f"Bearer {keys['acme']}"}, timeout=120) as reply:
+        body = {
+            "model": ACME,
+            "prompt": "hello\n",
+            "max_tokens": LONG,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        with httpx.stream(
+            "POST",
+            f"http://127.0.0.1:{server[0].http_port}/v1/completions",
+            json=body,
+            headers={"authorization": f"Bearer {keys['acme']}"},
+            timeout=120,
+        ) as reply:
             lines = reply.iter_lines()
             assert next(lines).startswith("data: ")
         # leaving the block closes the connection mid-stream
@@ -372,10 +426,16 @@ def test_a_cancelled_request_frees_its_batch_row_within_one_decode_step(server, 
 
 # -- 5. fuzz against the live server -------------------------------------------------------------
 
-FUZZ_LIVE = dict(max_examples=40, deadline=None,
-                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-CLEAN_GRPC = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED,
-              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION}
+FUZZ_LIVE = dict(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+CLEAN_GRPC = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+}
 
 
 def assert_fuzz_left_no_trace(server, stub, replica_before: str) -> None:
@@ -392,16 +452,27 @@ def test_random_http_bodies_get_a_clear_status(server, stub):
     @given(data=st.data())
     def fuzz(data):
         path = data.draw(st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
-        valid = {"model": data.draw(st.sampled_from([ACME, "", "base", "../x", "bad-pickle"])), "max_tokens": 4,
-                 **({"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]})}
+        valid = {
+            "model": data.draw(st.sampled_from([ACME, "", "base", "../x", "bad-pickle"])),
+            "max_tokens": 4,
+            **({"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}),
+        }
         body = data.draw(st.one_of(json_values, mutated_bodies(valid)))
-        reply = httpx.post(f"http://127.0.0.1:{server[0].http_port}{path}", content=json.dumps(body), timeout=120,
-                           headers={"authorization": f"Bearer {server[2]['any']}", "content-type": "application/json"})
+        reply = httpx.post(
+            f"http://127.0.0.1:{server[0].http_port}{path}",
+            content=json.dumps(body),
+            timeout=120,
+            headers={"authorization": f"Bearer {server[2]['any']}", "content-type": "application/json"},
+        )
         assert reply.status_code in (200, 400, 403, 404, 422, 429), (body, reply.text)
         assert reply.status_code == 200 or reply.json()["error"]["message"]
         raw = data.draw(st.binary(max_size=64))
-        garbage = httpx.post(f"http://127.0.0.1:{server[0].http_port}{path}", content=raw, timeout=60,
-                             headers={"authorization": f"Bearer {server[2]['any']}", "content-type": "application/json"})
+        garbage = httpx.post(
+            f"http://127.0.0.1:{server[0].http_port}{path}",
+            content=raw,
+            timeout=60,
+            headers={"authorization": f"Bearer {server[2]['any']}", "content-type": "application/json"},
+        )
         assert garbage.status_code in (200, 400), (raw, garbage.text)
 
     before = replica_stats(server)["replica_id"]
@@ -416,8 +487,12 @@ def test_random_grpc_requests_get_a_clear_status(server, stub):
     @given(data=st.data())
     def fuzz(data):
         request = data.draw(proto_requests())
-        adapter = data.draw(st.one_of(st.sampled_from([ACME, "", "bad-symlink"]),
-                                      st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=20)))
+        adapter = data.draw(
+            st.one_of(
+                st.sampled_from([ACME, "", "bad-symlink"]),
+                st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=20),
+            )
+        )
         try:
             reply = stub.Generate(request, metadata=metadata(server[2]["any"], adapter), timeout=120)
             assert reply.request_id and reply.finish_reason
@@ -427,7 +502,8 @@ def test_random_grpc_requests_get_a_clear_status(server, stub):
         with grpc.insecure_channel(f"127.0.0.1:{server[0].grpc_port}") as channel:
             try:
                 channel.unary_unary("/loraplex.v1.LoraplexService/Generate")(
-                    raw, metadata=metadata(server[2]["any"], ACME), timeout=60)
+                    raw, metadata=metadata(server[2]["any"], ACME), timeout=60
+                )
             except grpc.RpcError as exc:  # undecodable bytes: grpc's own status from the proxy's deserializer
                 assert exc.code() in CLEAN_GRPC or "Error parsing message" in exc.details(), exc
 
@@ -438,11 +514,15 @@ def test_random_grpc_requests_get_a_clear_status(server, stub):
 
 # -- 4. faults --------------------------------------------------------------------------------------
 
+
 def model_server_actors() -> list[str]:
     import ray
 
-    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if "ModelServer" in a["name"] and a["namespace"] == "serve"]
+    return [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "ModelServer" in a["name"] and a["namespace"] == "serve"
+    ]
 
 
 def kill_replica(name: str) -> None:
@@ -485,7 +565,6 @@ def test_graceful_shutdown_drains_requests_in_flight(server, stub):
     from ray import serve
 
     from loraplex.serving.launch import start
-
     from loraplex.v1 import loraplex_pb2 as pb
 
     keys = server[2]
@@ -511,8 +590,12 @@ def test_vllm_adapter_routes_need_an_admin_key_and_a_store_folder(server):
         assert http(server, route, keys["any"], body).status_code == 403
         assert http(server, route, None, body).status_code == 401
         assert http(server, route, keys["admin"], body).status_code == 200, route
-    escaping = http(server, "/v1/load_lora_adapter", keys["admin"],
-                    {"lora_name": "bad-symlink", "lora_path": str(store / "bad-symlink")})
+    escaping = http(
+        server,
+        "/v1/load_lora_adapter",
+        keys["admin"],
+        {"lora_name": "bad-symlink", "lora_path": str(store / "bad-symlink")},
+    )
     assert escaping.status_code == 422 and "outside the store" in escaping.json()["error"]["message"]
     elsewhere = http(server, "/v1/load_lora_adapter", keys["admin"], {"lora_name": GLOBEX, "lora_path": "/tmp"})
     assert elsewhere.status_code == 400 and "store" in elsewhere.json()["error"]["message"]

@@ -33,17 +33,25 @@ def save_peft_adapter(base: Path, out: Path, seed: int = 0, **lora_kwargs) -> tu
 
 
 def peft_layers(peft_model) -> dict[str, object]:
-    return {name.removeprefix("base_model.model."): m for name, m in peft_model.named_modules()
-            if hasattr(m, "lora_A") and "default" in m.lora_A}
+    return {
+        name.removeprefix("base_model.model."): m
+        for name, m in peft_model.named_modules()
+        if hasattr(m, "lora_A") and "default" in m.lora_A
+    }
 
 
 PATTERNS = {
     "plain": dict(r=8, lora_alpha=16, target_modules="all-linear"),
-    "qv-rslora-alpha-pattern": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_rslora=True,
-                                    alpha_pattern={"v_proj": 48}),
-    "rank-and-alpha-pattern": dict(r=8, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
-                                   rank_pattern={"model.layers.1.self_attn.q_proj": 4, "down_proj": 16},
-                                   alpha_pattern={"k_proj": 32}),
+    "qv-rslora-alpha-pattern": dict(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_rslora=True, alpha_pattern={"v_proj": 48}
+    ),
+    "rank-and-alpha-pattern": dict(
+        r=8,
+        lora_alpha=8,
+        target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
+        rank_pattern={"model.layers.1.self_attn.q_proj": 4, "down_proj": 16},
+        alpha_pattern={"k_proj": 32},
+    ),
 }
 
 
@@ -67,16 +75,18 @@ def test_q_v_subset_adapts_only_q_and_v(embedded_base, tmp_path):
     folder, _ = save_peft_adapter(embedded_base, tmp_path / "qv", **PATTERNS["qv-rslora-alpha-pattern"])
     spec, modules = lora_format.read_adapter(folder)
     assert {name.rpartition(".")[2] for name in modules} == {"q_proj", "v_proj"}
-    assert spec.use_rslora and spec.scaling("model.layers.0.self_attn.q_proj") == pytest.approx(16 / 8 ** 0.5)
-    assert spec.scaling("model.layers.0.self_attn.v_proj") == pytest.approx(48 / 8 ** 0.5)
+    assert spec.use_rslora and spec.scaling("model.layers.0.self_attn.q_proj") == pytest.approx(16 / 8**0.5)
+    assert spec.scaling("model.layers.0.self_attn.v_proj") == pytest.approx(48 / 8**0.5)
 
 
 REFUSED = {
     "dora": (dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True), "DoRA"),
     "lm_head": (dict(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]), "lm_head"),
     "embedding": (dict(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"]), "embed_tokens"),
-    "modules_to_save": (dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]),
-                        "modules_to_save"),
+    "modules_to_save": (
+        dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+        "modules_to_save",
+    ),
     "bias": (dict(r=4, lora_alpha=8, target_modules=["q_proj"], bias="lora_only"), "bias"),
 }
 
@@ -91,8 +101,9 @@ def test_unsupported_features_are_refused_by_name(embedded_base, tmp_path, kind)
 
 def test_embedding_lora_is_refused_from_its_tensors_too(embedded_base, tmp_path):
     """A config that names no embedding (a regex target) is still caught by its tensor keys."""
-    folder, _ = save_peft_adapter(embedded_base, tmp_path / "regex", r=4, lora_alpha=8,
-                                  target_modules=r".*(embed_tokens|q_proj)")
+    folder, _ = save_peft_adapter(
+        embedded_base, tmp_path / "regex", r=4, lora_alpha=8, target_modules=r".*(embed_tokens|q_proj)"
+    )
     with pytest.raises(LoraFormatError, match="embedding"):
         lora_format.read_adapter(folder)
 
@@ -137,14 +148,17 @@ def test_nan_wrong_shape_unknown_module_and_rank_limit(embedded_base, tmp_path):
         lora_format.check_fits(modules, shapes, max_rank=2)
 
 
-@pytest.mark.parametrize("config, message", [
-    ({"peft_type": "IA3", "r": 4, "lora_alpha": 8}, "not LORA"),
-    ({"r": 0, "lora_alpha": 8}, "positive integer rank"),
-    ({"r": 4, "lora_alpha": -1}, "lora_alpha must be a positive"),
-    ({"r": 4, "lora_alpha": 8, "rank_pattern": {"q_proj": "big"}}, "rank_pattern"),
-    ({"r": 4, "lora_alpha": 8, "use_dora": True}, "DoRA"),
-    ([1, 2], "not a JSON object"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"peft_type": "IA3", "r": 4, "lora_alpha": 8}, "not LORA"),
+        ({"r": 0, "lora_alpha": 8}, "positive integer rank"),
+        ({"r": 4, "lora_alpha": -1}, "lora_alpha must be a positive"),
+        ({"r": 4, "lora_alpha": 8, "rank_pattern": {"q_proj": "big"}}, "rank_pattern"),
+        ({"r": 4, "lora_alpha": 8, "use_dora": True}, "DoRA"),
+        ([1, 2], "not a JSON object"),
+    ],
+)
 def test_bad_configs_name_the_problem(config, message):
     with pytest.raises(LoraFormatError, match=message):
         lora_format.parse_config(config)

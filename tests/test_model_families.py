@@ -5,6 +5,8 @@ batch gives each request its solo greedy output, a short QLoRA run writes an ada
 serves, the GGUF export runs in llama.cpp with logits close to HF's and carries the chat
 template. An unsupported architecture is refused with one line by the engine and by convert.
 
+Over 400 lines: the family configs and their per-family checks share fixtures (built once per family).
+
 Widths, head counts, vocabularies and RoPE settings are the real ones; layers are cut to 2-3 so
 each test takes seconds. The tokenizer is the embedded base's (2k tokens): the model vocab is
 larger, as the padded vocabularies of real checkpoints are.
@@ -21,35 +23,95 @@ import torch
 
 from loraplex.training.architectures import SUPPORTED_ARCHITECTURES, UnsupportedArchitecture
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-LLAMA3_CHAT = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-               "{{ m['content'] }}<|eot_id|>{% endfor %}"
-               "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
-MISTRAL_CHAT = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
-                "{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAMA3_CHAT = (
+    "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+MISTRAL_CHAT = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+)
 
 # family -> (config class, config fields, chat template). All GQA, all with dims that are not
 # multiples of 256 somewhere (576, 896, 1536, 4864: k-quants fall back on those rows).
 FAMILIES = {
-    "smollm2-135m": ("LlamaConfig", dict(
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=3, num_attention_heads=9,
-        num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
-        max_position_embeddings=2048, rms_norm_eps=1e-5), CHATML),
-    "qwen2.5-0.5b": ("Qwen2Config", dict(  # Qwen2 puts biases on q/k/v (and only there)
-        hidden_size=896, intermediate_size=4864, num_hidden_layers=2, num_attention_heads=14,
-        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0,
-        max_position_embeddings=32768, rms_norm_eps=1e-6), CHATML),
-    "llama-3.2-1b": ("LlamaConfig", dict(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=2, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=8192, tie_word_embeddings=True, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
-        max_position_embeddings=131072, rms_norm_eps=1e-5), LLAMA3_CHAT),
-    "mistral-swa": ("MistralConfig", dict(  # a window shorter than the test sequences: it must bite
-        hidden_size=512, intermediate_size=1408, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=False, rope_theta=10000.0,
-        sliding_window=12, max_position_embeddings=4096, rms_norm_eps=1e-5), MISTRAL_CHAT),
+    "smollm2-135m": (
+        "LlamaConfig",
+        dict(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=3,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            vocab_size=49152,
+            tie_word_embeddings=True,
+            rope_theta=100000.0,
+            max_position_embeddings=2048,
+            rms_norm_eps=1e-5,
+        ),
+        CHATML,
+    ),
+    "qwen2.5-0.5b": (
+        "Qwen2Config",
+        dict(  # Qwen2 puts biases on q/k/v (and only there)
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=2,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+            rope_theta=1000000.0,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+        ),
+        CHATML,
+    ),
+    "llama-3.2-1b": (
+        "LlamaConfig",
+        dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=2,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=8192,
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 32.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-5,
+        ),
+        LLAMA3_CHAT,
+    ),
+    "mistral-swa": (
+        "MistralConfig",
+        dict(  # a window shorter than the test sequences: it must bite
+            hidden_size=512,
+            intermediate_size=1408,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            vocab_size=4096,
+            tie_word_embeddings=False,
+            rope_theta=10000.0,
+            sliding_window=12,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+        ),
+        MISTRAL_CHAT,
+    ),
 }
 SLOW = {"llama-3.2-1b"}  # hidden 2048: NF4 quantization alone takes ~10 s on 2 cores
 PARAMS = [pytest.param(name, id=name, marks=[pytest.mark.slow] if name in SLOW else []) for name in FAMILIES]
@@ -66,13 +128,17 @@ def build_family(name: str, out: Path, seed: int = 0, std: float = 0.02) -> Path
     tokenizer = AutoTokenizer.from_pretrained(str(ensure_base()))
     tokenizer.chat_template = template
     config = getattr(transformers, config_class)(
-        **fields, initializer_range=std, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        **fields,
+        initializer_range=std,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # rows past the tokenizer are padding, untrained in real checkpoints too
-        model.get_input_embeddings().weight[len(tokenizer):] = 0
-        model.get_output_embeddings().weight[len(tokenizer):] = 0
+        model.get_input_embeddings().weight[len(tokenizer) :] = 0
+        model.get_output_embeddings().weight[len(tokenizer) :] = 0
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     # transformers picks the tokenizer class by model_type (Qwen2Tokenizer splits digits one by
@@ -104,8 +170,12 @@ def test_one_supported_list_shared_by_engine_and_convert():
 
 def test_the_families_really_have_the_shapes_they_claim(family_dirs):
     smol = json.loads((family_dirs("smollm2-135m") / "config.json").read_text())
-    assert (smol["hidden_size"], smol["num_attention_heads"], smol["num_key_value_heads"], smol["vocab_size"]) == \
-        (576, 9, 3, 49152) and smol["tie_word_embeddings"]
+    assert (smol["hidden_size"], smol["num_attention_heads"], smol["num_key_value_heads"], smol["vocab_size"]) == (
+        576,
+        9,
+        3,
+        49152,
+    ) and smol["tie_word_embeddings"]
     qwen = json.loads((family_dirs("qwen2.5-0.5b") / "config.json").read_text())
     assert qwen["architectures"] == ["Qwen2ForCausalLM"] and qwen["vocab_size"] == 151936
     from safetensors import safe_open
@@ -120,6 +190,7 @@ def test_the_families_really_have_the_shapes_they_claim(family_dirs):
 
 # ---- serving: the runner against HF's forward --------------------------------------------------
 
+
 def _runner_logits(model, ids: torch.Tensor, prefill: int) -> torch.Tensor:
     """Logits for positions prefill-1.. : one prefill, then one decode step per token."""
     from loraplex.serving.engine.lora_batch import LoraSlots
@@ -131,7 +202,7 @@ def _runner_logits(model, ids: torch.Tensor, prefill: int) -> torch.Tensor:
     rows = torch.tensor([1])
     out = [runner(ids[:, :prefill], torch.arange(prefill).view(1, -1), rows, torch.tensor([prefill - 1]))[0]]
     for p in range(prefill, ids.shape[1]):
-        out.append(runner(ids[:, p:p + 1], torch.tensor([[p]]), rows, torch.tensor([0]))[0])
+        out.append(runner(ids[:, p : p + 1], torch.tensor([[p]]), rows, torch.tensor([0]))[0])
     return torch.stack(out)
 
 
@@ -179,8 +250,9 @@ def test_mixed_batch_equals_solo_greedy(family_dirs, family, tmp_path):
     base = family_dirs(family)
     for i in range(2):
         make_random_adapter(base, tmp_path / f"rand-{i}", seed=i, rank=4, std=0.5)
-    engine = TorchEngine(EngineConfig(base_model=str(base), adapters=str(tmp_path), max_batch=8, max_loras=2,
-                                      max_seq=64, device="cpu"))
+    engine = TorchEngine(
+        EngineConfig(base_model=str(base), adapters=str(tmp_path), max_batch=8, max_loras=2, max_seq=64, device="cpu")
+    )
     try:
         greedy = SamplingParams(max_tokens=6, temperature=0)
         prompts = ["Repeat after me: alice paris\n", "What number comes after 41?\n", "Ticket: my invoice\n"]
@@ -195,6 +267,7 @@ def test_mixed_batch_equals_solo_greedy(family_dirs, family, tmp_path):
 
 # ---- training ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("family", PARAMS)
 def test_qlora_smoke_writes_an_adapter_the_store_serves(family_dirs, family, tmp_path):
     from loraplex.serving.engine import EngineConfig
@@ -208,12 +281,25 @@ def test_qlora_smoke_writes_an_adapter_the_store_serves(family_dirs, family, tmp
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     store = tmp_path / "store"
-    manifest = train(TrainConfig(data=str(data), output=str(store / "smoke"), base_model=str(family_dirs(family)),
-                                 max_steps=2, batch_size=4, lora_r=4, max_seq_len=48, learning_rate=1e-3,
-                                 gradient_checkpointing=False))
+    manifest = train(
+        TrainConfig(
+            data=str(data),
+            output=str(store / "smoke"),
+            base_model=str(family_dirs(family)),
+            max_steps=2,
+            batch_size=4,
+            lora_r=4,
+            max_seq_len=48,
+            learning_rate=1e-3,
+            gradient_checkpointing=False,
+        )
+    )
     assert manifest["steps"] == 2 and manifest["metrics"]["train_loss"] > 0
-    engine = TorchEngine(EngineConfig(base_model=str(family_dirs(family)), adapters=str(store), max_batch=2,
-                                      max_loras=1, max_seq=64, device="cpu"))
+    engine = TorchEngine(
+        EngineConfig(
+            base_model=str(family_dirs(family)), adapters=str(store), max_batch=2, max_loras=1, max_seq=64, device="cpu"
+        )
+    )
     try:
         _, final = engine.submit("Add 3 and 4:\n", "smoke", SamplingParams(max_tokens=4, temperature=0)).result(120)
         assert final.final
@@ -222,6 +308,7 @@ def test_qlora_smoke_writes_an_adapter_the_store_serves(family_dirs, family, tmp
 
 
 # ---- convert: GGUF in llama.cpp ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("family", PARAMS)
 def test_gguf_export_runs_in_llama_cpp_close_to_hf(family_dirs, family, tmp_path):
@@ -256,6 +343,7 @@ def test_gguf_export_runs_in_llama_cpp_close_to_hf(family_dirs, family, tmp_path
 
 # ---- unsupported: one line, never wrong output --------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def phi3_dir(tmp_path_factory) -> Path:
     """Phi-3: fused qkv_proj and gate_up_proj, which the torch engine's runner does not have."""
@@ -264,9 +352,18 @@ def phi3_dir(tmp_path_factory) -> Path:
     from loraplex.training.base import ensure_base
 
     out = tmp_path_factory.mktemp("phi3")
-    config = Phi3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
-                        num_key_value_heads=4, vocab_size=2048, max_position_embeddings=256,
-                        pad_token_id=2, bos_token_id=0, eos_token_id=1)
+    config = Phi3Config(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=2048,
+        max_position_embeddings=256,
+        pad_token_id=2,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     Phi3ForCausalLM(config).save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(ensure_base() / name, out / name)
@@ -290,9 +387,17 @@ def test_runner_refuses_a_loaded_model_of_another_family():
 
     from loraplex.serving.engine.runner import KVCacheRunner
 
-    model = GemmaForCausalLM(GemmaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1, head_dim=64,
-                                         vocab_size=512))
+    model = GemmaForCausalLM(
+        GemmaConfig(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=64,
+            vocab_size=512,
+        )
+    )
     with pytest.raises(UnsupportedArchitecture, match="GemmaForCausalLM is not supported by the torch engine"):
         KVCacheRunner(model, lora=None, max_rows=1, max_seq=8)
 
@@ -300,8 +405,18 @@ def test_runner_refuses_a_loaded_model_of_another_family():
 def test_unsupported_architecture_is_refused_by_convert(phi3_dir, tmp_path):
     from tests.conftest import run_cli
 
-    done = run_cli("-m", "loraplex.convert", "merge-export", "--base", str(phi3_dir),
-                   "--out", str(tmp_path / "phi3.gguf"), "--format", "gguf", timeout=300)
+    done = run_cli(
+        "-m",
+        "loraplex.convert",
+        "merge-export",
+        "--base",
+        str(phi3_dir),
+        "--out",
+        str(tmp_path / "phi3.gguf"),
+        "--format",
+        "gguf",
+        timeout=300,
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: architecture Phi3ForCausalLM is not supported by convert's GGUF export")
@@ -312,11 +427,12 @@ def test_unsupported_architecture_is_refused_by_convert(phi3_dir, tmp_path):
 def test_loraplex_serve_refuses_it_before_starting_ray(phi3_dir):
     from tests.conftest import run_cli
 
-    done = run_cli("-m", "loraplex.cli", "serve", "--base-model", str(phi3_dir), "--allow-unauthenticated",
-                   timeout=180)
+    done = run_cli("-m", "loraplex.cli", "serve", "--base-model", str(phi3_dir), "--allow-unauthenticated", timeout=180)
     assert done.returncode == 2, done.stderr[-2000:]
     last = [line for line in done.stderr.splitlines() if line.strip()][-1]
-    assert last.startswith("error: architecture Phi3ForCausalLM is not supported by the torch engine; use --engine vllm")
+    assert last.startswith(
+        "error: architecture Phi3ForCausalLM is not supported by the torch engine; use --engine vllm"
+    )
     assert "Traceback" not in done.stderr
 
 
@@ -330,8 +446,17 @@ def test_gguf_pre_tokenizer_follows_the_tokenizer_transformers_loads(tmp_path):
     from loraplex.convert.gguf_export import write_gguf
     from loraplex.training.base import ensure_base
 
-    config = Qwen2Config(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=2048, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    config = Qwen2Config(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=2048,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
     Qwen2ForCausalLM(config).save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(str(ensure_base())).save_pretrained(tmp_path)  # Llama-3 split in the file
     path = write_gguf(tmp_path, tmp_path / "m.gguf", "F16", progress=lambda _: None)

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from tests.conftest import free_port
 from loraplex.training.demo import demo_adapter_dir, demo_tenants
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray", reason="Ray Serve is part of the dev setup (make test)")
@@ -41,9 +41,19 @@ def cluster(embedded_base, tmp_path_factory):
     ray.init(address=nodes.address)
     port = free_port()
     serve.start(http_options=HTTPOptions(host="127.0.0.1", port=port))
-    serve.run(build_app({"base_model": str(embedded_base), "adapters": str(store), "replicas": 2,
-                         "allow_unauthenticated": True,
-                         "replica_resources": {"loraplex_slot": 1}}), name="loraplex", route_prefix="/")
+    serve.run(
+        build_app(
+            {
+                "base_model": str(embedded_base),
+                "adapters": str(store),
+                "replicas": 2,
+                "allow_unauthenticated": True,
+                "replica_resources": {"loraplex_slot": 1},
+            }
+        ),
+        name="loraplex",
+        route_prefix="/",
+    )
     yield nodes, worker, f"http://127.0.0.1:{port}/v1"
     serve.shutdown()
     ray.shutdown()

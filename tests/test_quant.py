@@ -21,8 +21,9 @@ def test_nf4_round_trip_error_is_small_and_exact_on_codebook():
     relative = (restored - weight).norm() / weight.norm()
     assert relative < 0.12, relative
     # Dequantized values are fixed points of the quantizer: quantizing them again changes nothing.
-    again = bnbf.dequantize_4bit(*bnbf.quantize_4bit(restored, blocksize=64, quant_type="nf4",
-                                                     compress_statistics=True))
+    again = bnbf.dequantize_4bit(
+        *bnbf.quantize_4bit(restored, blocksize=64, quant_type="nf4", compress_statistics=True)
+    )
     assert torch.allclose(again, restored, atol=1e-3)
 
 

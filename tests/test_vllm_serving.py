@@ -28,9 +28,11 @@ from loraplex.training.evaluate import is_exact_match
 from tests.conftest import REPO, free_port
 
 pytestmark = [
-    pytest.mark.slow, pytest.mark.vllm,
-    pytest.mark.skipif(vllm_unavailable_reason("nf4") is not None,
-                       reason=f"vllm engine: {vllm_unavailable_reason('nf4')}"),
+    pytest.mark.slow,
+    pytest.mark.vllm,
+    pytest.mark.skipif(
+        vllm_unavailable_reason("nf4") is not None, reason=f"vllm engine: {vllm_unavailable_reason('nf4')}"
+    ),
 ]
 MAX_POINTS_APART = 0.05
 MAX_TOKENS = 8  # as the demo bar (test_serving_app) asks
@@ -56,13 +58,19 @@ def torch_bf16_scores(embedded_base, store) -> dict[str, float]:
     from loraplex.serving.engine import EngineConfig, create_engine
     from loraplex.serving.engine.sampling import SamplingParams
 
-    engine = create_engine(EngineConfig(base_model=str(embedded_base), adapters=str(store), quantization="bf16",
-                                        device="cpu", max_batch=16))
+    engine = create_engine(
+        EngineConfig(
+            base_model=str(embedded_base), adapters=str(store), quantization="bf16", device="cpu", max_batch=16
+        )
+    )
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
     try:
-        return {tenant: exact_match(lambda p, t=tenant: engine.submit(p, t, params).result(120)[0],
-                                    load_jsonl(tenant_data(tenant)[1]))
-                for tenant in demo_tenants()}
+        return {
+            tenant: exact_match(
+                lambda p, t=tenant: engine.submit(p, t, params).result(120)[0], load_jsonl(tenant_data(tenant)[1])
+            )
+            for tenant in demo_tenants()
+        }
     finally:
         engine.shutdown()
 
@@ -80,13 +88,32 @@ def keys(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 def served(torch_bf16_scores, embedded_base, store, keys):
     """The CLI in its own process group; yields (ports, banner) once it says it is serving."""
     ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
-    command = [sys.executable, "-m", "loraplex.cli", "serve", "--engine", "vllm", "--base-model", str(embedded_base),
-               "--adapters", str(store), "--api-keys", str(keys[0]), "--num-cpus", "2",
-               "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
-               "--metrics-port", str(ports["metrics"])]
+    command = [
+        sys.executable,
+        "-m",
+        "loraplex.cli",
+        "serve",
+        "--engine",
+        "vllm",
+        "--base-model",
+        str(embedded_base),
+        "--adapters",
+        str(store),
+        "--api-keys",
+        str(keys[0]),
+        "--num-cpus",
+        "2",
+        "--http-port",
+        str(ports["http"]),
+        "--grpc-port",
+        str(ports["grpc"]),
+        "--metrics-port",
+        str(ports["metrics"]),
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_API_KEYS")}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     lines: list[str] = []
     ready = threading.Event()
 
@@ -132,11 +159,21 @@ def test_tenant_exact_match_matches_the_torch_engine_over_grpc_and_http(tenant, 
     with grpc.insecure_channel(f"127.0.0.1:{ports['grpc']}") as channel:
         stub = loraplex_pb2_grpc.LoraplexServiceStub(channel)
         metadata = (("multiplexed_model_id", tenant), ("authorization", f"Bearer {key}"))
-        over_grpc = exact_match(lambda p: stub.Generate(pb.GenerateRequest(
-            prompt=p, max_tokens=MAX_TOKENS, temperature=0), metadata=metadata, timeout=120).text, rows)
+        over_grpc = exact_match(
+            lambda p: (
+                stub.Generate(
+                    pb.GenerateRequest(prompt=p, max_tokens=MAX_TOKENS, temperature=0), metadata=metadata, timeout=120
+                ).text
+            ),
+            rows,
+        )
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{ports['http']}/v1", api_key=key, max_retries=0)
-    over_http = exact_match(lambda p: client.completions.create(
-        model=tenant, prompt=p, max_tokens=MAX_TOKENS, temperature=0).choices[0].text, rows)
+    over_http = exact_match(
+        lambda p: (
+            client.completions.create(model=tenant, prompt=p, max_tokens=MAX_TOKENS, temperature=0).choices[0].text
+        ),
+        rows,
+    )
     torch_score = torch_bf16_scores[tenant]
     print(f"{tenant}: torch bf16 {torch_score:.2f}  vllm grpc {over_grpc:.2f}  vllm http {over_http:.2f}")
     assert abs(over_grpc - torch_score) <= MAX_POINTS_APART, (over_grpc, torch_score)
@@ -158,12 +195,16 @@ def test_keys_are_enforced_and_metrics_count_per_adapter(served, keys):
             stub.Generate(request, metadata=(("multiplexed_model_id", first),), timeout=60)
         assert missing.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with pytest.raises(grpc.RpcError) as other:  # a tenant's key never reaches another tenant's adapter
-            stub.Generate(request, metadata=(("multiplexed_model_id", second),
-                                             ("authorization", f"Bearer {keys[1][first]}")), timeout=60)
+            stub.Generate(
+                request,
+                metadata=(("multiplexed_model_id", second), ("authorization", f"Bearer {keys[1][first]}")),
+                timeout=60,
+            )
         assert other.value.code() == grpc.StatusCode.PERMISSION_DENIED
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"http://127.0.0.1:{ports['http']}/v1", api_key="lpx_wrong", max_retries=0
-                      ).completions.create(model=first, prompt="hello\n", max_tokens=4)
+        openai.OpenAI(
+            base_url=f"http://127.0.0.1:{ports['http']}/v1", api_key="lpx_wrong", max_retries=0
+        ).completions.create(model=first, prompt="hello\n", max_tokens=4)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{ports['http']}/v1", api_key=keys[1][first], max_retries=0)
     base = next(m for m in client.models.list().data if m.id == "base").model_extra
     assert base["precision"] == "bf16" and "no NF4" in base["precision_note"]

@@ -25,8 +25,14 @@ from loraplex.training.manifest import MANIFEST_NAME, base_fingerprint, file_sha
 DEFAULT_MAX_RANK = 64  # the engine's default --max-lora-rank
 
 
-def import_adapter(src: str | Path, base_dir: str | Path, store: str | Path, adapter_id: str | None = None,
-                   max_rank: int = DEFAULT_MAX_RANK, warn: Callable[[str], None] = print) -> Path:
+def import_adapter(
+    src: str | Path,
+    base_dir: str | Path,
+    store: str | Path,
+    adapter_id: str | None = None,
+    max_rank: int = DEFAULT_MAX_RANK,
+    warn: Callable[[str], None] = print,
+) -> Path:
     """Check the PEFT folder `src` against `base_dir` and copy it into `store` as `adapter_id`
     (default: the folder's name). Returns the new folder; nothing is written if a check fails."""
     src, base_dir, store = Path(src), Path(base_dir), Path(store)
@@ -37,8 +43,10 @@ def import_adapter(src: str | Path, base_dir: str | Path, store: str | Path, ada
         raise DataError(f"{src} already has {MANIFEST_NAME} (made by loraplex): copy it into the store as it is")
     dest = store / adapter_id
     if dest.exists():
-        raise DataError(f"the store already has an adapter '{adapter_id}' ({dest}): pass --id NEW_ID, "
-                        "or remove the old folder first")
+        raise DataError(
+            f"the store already has an adapter '{adapter_id}' ({dest}): pass --id NEW_ID, "
+            "or remove the old folder first"
+        )
     fingerprint = base_fingerprint(base_dir)  # also checks base_dir is a HF checkpoint
     skipped = lora_format.check_files(src, other_pickles_ok=True)
     spec, modules = lora_format.read_adapter(src, other_pickles_ok=True)
@@ -55,16 +63,22 @@ def import_adapter(src: str | Path, base_dir: str | Path, store: str | Path, ada
     try:
         for name in (CONFIG_NAME, WEIGHTS_NAME):  # only these two: no pickles, no tokenizer to drift from the base
             shutil.copyfile(src / name, staging / name)
-        write_manifest(staging, {
-            "adapter_id": adapter_id,
-            "provenance": "imported",
-            "base_model": str(base_dir),
-            "base_fingerprint": fingerprint,
-            "imported_from": {"path": str(src.resolve()), "base_model_name_or_path": spec.base_model_name_or_path,
-                              "weights_sha256": file_sha256(staging / WEIGHTS_NAME)},
-            "imported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "lora": _describe(spec, modules),
-        })
+        write_manifest(
+            staging,
+            {
+                "adapter_id": adapter_id,
+                "provenance": "imported",
+                "base_model": str(base_dir),
+                "base_fingerprint": fingerprint,
+                "imported_from": {
+                    "path": str(src.resolve()),
+                    "base_model_name_or_path": spec.base_model_name_or_path,
+                    "weights_sha256": file_sha256(staging / WEIGHTS_NAME),
+                },
+                "imported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "lora": _describe(spec, modules),
+            },
+        )
         staging.rename(dest)  # whole folder at once: the store never sees a half-written adapter
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -76,13 +90,17 @@ def _warn_if_other_base(spec: LoraSpec, base_dir: Path, warn: Callable[[str], No
     """PEFT records the base's hub name or local path; shapes fitting does not prove it is the same base."""
     named = spec.base_model_name_or_path
     if not named:
-        warn(f"warning: {CONFIG_NAME} does not say which base the adapter was trained on; "
-             f"checked only that its shapes fit {base_dir}")
+        warn(
+            f"warning: {CONFIG_NAME} does not say which base the adapter was trained on; "
+            f"checked only that its shapes fit {base_dir}"
+        )
         return
     ours = {str(base_dir), str(base_dir.resolve()), base_dir.name, _config_name(base_dir)}
     if named not in ours and Path(named).name != base_dir.name:
-        warn(f"warning: the adapter was trained on base {named!r}, not {base_dir}; its shapes fit, "
-             "but its outputs are only right if the weights are the same model")
+        warn(
+            f"warning: the adapter was trained on base {named!r}, not {base_dir}; its shapes fit, "
+            "but its outputs are only right if the weights are the same model"
+        )
 
 
 def _config_name(base_dir: Path) -> str:
@@ -93,7 +111,13 @@ def _config_name(base_dir: Path) -> str:
 
 
 def _describe(spec: LoraSpec, modules: dict) -> dict:
-    return {"r": spec.rank, "alpha": spec.alpha, "use_rslora": spec.use_rslora,
-            "rank_pattern": spec.rank_pattern, "alpha_pattern": spec.alpha_pattern,
-            "target_modules": sorted({name.rpartition(".")[2] for name in modules}),
-            "modules": len(modules), "max_rank": max(m.rank for m in modules.values())}
+    return {
+        "r": spec.rank,
+        "alpha": spec.alpha,
+        "use_rslora": spec.use_rslora,
+        "rank_pattern": spec.rank_pattern,
+        "alpha_pattern": spec.alpha_pattern,
+        "target_modules": sorted({name.rpartition(".")[2] for name in modules}),
+        "modules": len(modules),
+        "max_rank": max(m.rank for m in modules.values()),
+    }

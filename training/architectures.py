@@ -49,7 +49,8 @@ def require_torch_engine_architecture(model: str | Path | dict | object) -> str:
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedArchitecture(
             f"architecture {arch} is not supported by the torch engine; use --engine vllm "
-            f"(torch engine: {', '.join(SUPPORTED_ARCHITECTURES)})")
+            f"(torch engine: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
     return arch
 
 
@@ -59,5 +60,6 @@ def require_convert_architecture(config: dict) -> str:
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedArchitecture(
             f"architecture {arch} is not supported by convert's GGUF export "
-            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}); --format hf exports any architecture")
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}); --format hf exports any architecture"
+        )
     return arch

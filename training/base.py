@@ -30,8 +30,13 @@ CHAT_TEMPLATE = (
 # Every dimension is a multiple of 256: bitsandbytes' CPU kernels need multiples of 128 and
 # llama.cpp's k-quants need rows that are multiples of 256.
 MODEL_DIMS = dict(
-    vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
-    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+    vocab_size=2048,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=256,
 )
 
 
@@ -51,23 +56,33 @@ def build_tokenizer(vocab_size: int, seed: int):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[BOS, EOS, PAD],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(synthetic.iter_tokenizer_corpus(seed), trainer=trainer)
     bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)],
+        single=f"{BOS} $A",
+        pair=f"{BOS} $A {BOS} $B",
+        special_tokens=[(BOS, bos_id)],
     )
     hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-        clean_up_tokenization_spaces=False, model_max_length=MODEL_DIMS["max_position_embeddings"],
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        clean_up_tokenization_spaces=False,
+        model_max_length=MODEL_DIMS["max_position_embeddings"],
     )
     hf_tok.chat_template = CHAT_TEMPLATE
     return hf_tok
@@ -78,8 +93,12 @@ def build_model(tokenizer, seed: int):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        **MODEL_DIMS, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        **MODEL_DIMS,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     return LlamaForCausalLM(config)
@@ -95,8 +114,10 @@ def _batches(tokenizer, rows: list[tuple[str, str]], batch_size: int, rng: rando
     while True:
         rng.shuffle(order)
         for i in range(0, len(order) - batch_size + 1, batch_size):
-            batch = [encode_example(tokenizer, {"prompt": rows[j][0], "completion": rows[j][1]}, 256)
-                     for j in order[i:i + batch_size]]
+            batch = [
+                encode_example(tokenizer, {"prompt": rows[j][0], "completion": rows[j][1]}, 256)
+                for j in order[i : i + batch_size]
+            ]
             yield collate(batch)
 
 
@@ -111,7 +132,8 @@ def pretrain(model, tokenizer, steps: int, seed: int, batch_size: int = 64, lr: 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
+        opt,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
     )
     model.train()
     losses = []
@@ -138,9 +160,12 @@ def build_base(out_dir: Path, steps: int = 2000, seed: int = SEED) -> Path:
     model.to(torch.bfloat16).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     card = {
-        "seed": seed, "steps": steps, "final_loss": sum(losses[-50:]) / len(losses[-50:]) if losses else None,
+        "seed": seed,
+        "steps": steps,
+        "final_loss": sum(losses[-50:]) / len(losses[-50:]) if losses else None,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "build_seconds": round(time.time() - started, 1), "torch": torch.__version__,
+        "build_seconds": round(time.time() - started, 1),
+        "torch": torch.__version__,
     }
     (out_dir / "loraplex_base.json").write_text(json.dumps(card, indent=2) + "\n")
     return out_dir

@@ -24,8 +24,11 @@ class CsvLogCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
-               "elapsed_s": round(time.monotonic() - self.started, 2)}
+        row = {
+            "step": state.global_step,
+            "epoch": round(state.epoch or 0.0, 4),
+            "elapsed_s": round(time.monotonic() - self.started, 2),
+        }
         row.update({key: logs[key] for key in ("loss", "learning_rate", "grad_norm", "eval_loss") if key in logs})
         if len(row) == 3:  # the end-of-training summary (train_runtime, ...): nothing per-step in it
             return

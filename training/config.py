@@ -40,12 +40,21 @@ class TrainConfig:
     resume: str | None = _opt(None, "'latest' or a checkpoint folder to resume from")
     keep_checkpoints: bool = _opt(False, "keep <output>/checkpoints (pickled optimizer state) after success")
     eval_limit: int | None = _opt(None, "score exact match on at most N eval rows")
-    packing: bool = _opt(False, "pack several examples into each row of up to max_seq_len tokens; "
-                                "attention stays within each example (position IDs restart)")
-    early_stopping_patience: int = _opt(0, "stop after N evaluations (every eval_steps) without a lower "
-                                           "eval loss, keeping the best adapter; 0 = off; needs eval data")
-    keep_best: bool = _opt(False, "write the adapter from the evaluation with the lowest eval loss, "
-                                  "not the last step; needs eval data (on with early stopping)")
+    packing: bool = _opt(
+        False,
+        "pack several examples into each row of up to max_seq_len tokens; "
+        "attention stays within each example (position IDs restart)",
+    )
+    early_stopping_patience: int = _opt(
+        0,
+        "stop after N evaluations (every eval_steps) without a lower "
+        "eval loss, keeping the best adapter; 0 = off; needs eval data",
+    )
+    keep_best: bool = _opt(
+        False,
+        "write the adapter from the evaluation with the lowest eval loss, "
+        "not the last step; needs eval data (on with early stopping)",
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", list(self.target_modules))
@@ -62,8 +71,10 @@ class TrainConfig:
             (self.max_seq_len > 8, "max_seq_len must be above 8"),
             (bool(self.target_modules), "target_modules must not be empty"),
             (self.early_stopping_patience >= 0, "early_stopping_patience must be 0 (off) or positive"),
-            (self.eval_data is not None or not (self.early_stopping_patience or self.keep_best),
-             "--early-stopping-patience and --keep-best need --eval-data (they pick by eval loss)"),
+            (
+                self.eval_data is not None or not (self.early_stopping_patience or self.keep_best),
+                "--early-stopping-patience and --keep-best need --eval-data (they pick by eval loss)",
+            ),
         ]
         for ok, message in checks:
             if not ok:

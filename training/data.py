@@ -43,10 +43,14 @@ def _check_row(row: object, path: Path, lineno: int) -> None:
         raise DataError(f"{where}: each line must be a JSON object")
     if "messages" in row:
         messages = row["messages"]
-        if not (isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
-        )):
+        if not (
+            isinstance(messages, list)
+            and messages
+            and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages
+            )
+        ):
             raise DataError(f"{where}: 'messages' must be a list of {{role, content}} strings")
         if messages[-1]["role"] != "assistant":
             raise DataError(f"{where}: the last message must be the assistant's answer")
@@ -96,10 +100,10 @@ class CompletionCollator:
             labels.append(f["labels"] + [-100] * pad)
             mask.append([1] * len(f["input_ids"]) + [0] * pad)
         return {
-            "input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+            "input_ids": torch.tensor(ids),
+            "labels": torch.tensor(labels),
             "attention_mask": torch.tensor(mask),
         }
-
 
 
 def pack_examples(examples: list[dict[str, list[int]]], max_len: int) -> list[dict[str, list[int]]]:
@@ -144,5 +148,4 @@ class PackedCollator:
             labels.append(f["labels"] + [-100] * pad)
             own = f.get("position_ids") or list(range(len(f["input_ids"])))  # eval rows come unpacked
             positions.append(own + list(range(pad)))
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-                "position_ids": torch.tensor(positions)}
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(positions)}

@@ -1,7 +1,7 @@
 """The demo tenants: their datasets (training/data/<tenant>/) and adapters (training/adapters/<tenant>/).
 
-    python -m loraplex.training.demo            # rewrite the datasets (deterministic)
-    python -m loraplex.training.demo --train    # retrain every demo adapter (about 3 minutes each on 2 cores)
+python -m loraplex.training.demo            # rewrite the datasets (deterministic)
+python -m loraplex.training.demo --train    # retrain every demo adapter (about 3 minutes each on 2 cores)
 """
 
 from __future__ import annotations

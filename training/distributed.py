@@ -33,8 +33,10 @@ def require_ray_train(workers: int) -> None:
         except ImportError as exc:  # a dependency of a dependency, or a broken install
             missing.append(exc.name or str(exc).splitlines()[0])
     if missing:
-        raise ConfigError(f"--workers {workers} needs Ray Train, which is missing {', '.join(missing)}: "
-                          f"pip install 'loraplex[distributed]'")
+        raise ConfigError(
+            f"--workers {workers} needs Ray Train, which is missing {', '.join(missing)}: "
+            f"pip install 'loraplex[distributed]'"
+        )
 
 
 def train_data_parallel(cfg: TrainConfig, run_recipe: Callable[[TrainConfig], dict]) -> dict:
@@ -45,9 +47,14 @@ def train_data_parallel(cfg: TrainConfig, run_recipe: Callable[[TrainConfig], di
     from ray.train.torch import TorchTrainer
 
     # workers run in their own directories: hand them absolute paths
-    cfg = dataclasses.replace(cfg, **{
-        key: str(Path(value).resolve()) for key in ("data", "eval_data", "output", "base_model")
-        if (value := getattr(cfg, key))})
+    cfg = dataclasses.replace(
+        cfg,
+        **{
+            key: str(Path(value).resolve())
+            for key in ("data", "eval_data", "output", "base_model")
+            if (value := getattr(cfg, key))
+        },
+    )
 
     def worker_loop(_: dict) -> None:
         run_recipe(cfg)

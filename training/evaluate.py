@@ -17,13 +17,16 @@ def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
     device = next(model.parameters()).device
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        encoded = [encode_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
+        encoded = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
         width = max(len(ids) for ids in encoded)
         input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(ids)) + ids for ids in encoded])
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
         generated = model.generate(
-            input_ids=input_ids.to(device), attention_mask=mask.to(device), do_sample=False,
-            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
         outputs += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)

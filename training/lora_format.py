@@ -28,8 +28,11 @@ _KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
 # Config features that are not plain W + s*B@A on a decoder linear: (key, what to tell the user).
 _REFUSED_FEATURES = (
     ("use_dora", "DoRA (use_dora): its magnitude vector is not plain LoRA; retrain with use_dora=False"),
-    ("modules_to_save", "modules_to_save (full copies of layers such as lm_head or embed_tokens); "
-                        "retrain with LoRA on the decoder's linear layers only"),
+    (
+        "modules_to_save",
+        "modules_to_save (full copies of layers such as lm_head or embed_tokens); "
+        "retrain with LoRA on the decoder's linear layers only",
+    ),
     ("trainable_token_indices", "trainable token embeddings (trainable_token_indices); retrain without them"),
     ("layer_replication", "layer_replication (it changes the base's layer stack)"),
     ("fan_in_fan_out", "fan_in_fan_out (Conv1D-style weights; Llama-family bases use nn.Linear)"),
@@ -104,8 +107,10 @@ def parse_config(config: dict) -> LoraSpec:
         if config.get(key):
             raise LoraFormatError(f"the adapter uses {what}, which loraplex does not support")
     if config.get("bias", "none") != "none":
-        raise LoraFormatError(f"the adapter trains bias terms (bias={config['bias']!r}), which loraplex does not "
-                              "support; retrain with bias='none'")
+        raise LoraFormatError(
+            f"the adapter trains bias terms (bias={config['bias']!r}), which loraplex does not "
+            "support; retrain with bias='none'"
+        )
     rank, alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise LoraFormatError(f"{CONFIG_NAME} has no positive integer rank 'r' (found {rank!r})")
@@ -121,12 +126,19 @@ def parse_config(config: dict) -> LoraSpec:
     named = [targets] if isinstance(targets, str) else list(targets)
     for target in named:
         if target in EMBEDDING_MODULES:
-            raise LoraFormatError(f"the adapter puts LoRA on {target} (embedding/lm_head LoRA), which loraplex "
-                                  "does not support; retrain targeting the decoder's linear layers only")
-    return LoraSpec(rank=rank, alpha=float(alpha), use_rslora=bool(config.get("use_rslora")),
-                    rank_pattern=dict(rank_pattern), alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
-                    target_modules=targets if isinstance(targets, str) else tuple(sorted(targets)),
-                    base_model_name_or_path=config.get("base_model_name_or_path"))
+            raise LoraFormatError(
+                f"the adapter puts LoRA on {target} (embedding/lm_head LoRA), which loraplex "
+                "does not support; retrain targeting the decoder's linear layers only"
+            )
+    return LoraSpec(
+        rank=rank,
+        alpha=float(alpha),
+        use_rslora=bool(config.get("use_rslora")),
+        rank_pattern=dict(rank_pattern),
+        alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
+        target_modules=targets if isinstance(targets, str) else tuple(sorted(targets)),
+        base_model_name_or_path=config.get("base_model_name_or_path"),
+    )
 
 
 def _positive_number(value) -> bool:
@@ -156,8 +168,10 @@ def parse_weights(spec: LoraSpec, tensors: dict[str, torch.Tensor]) -> dict[str,
             raise LoraFormatError(_unsupported_tensor(key))
         module = match[1]
         if module.rpartition(".")[2] in EMBEDDING_MODULES:
-            raise LoraFormatError(f"the adapter puts LoRA on {module} (embedding/lm_head LoRA), which loraplex "
-                                  "does not support; retrain targeting the decoder's linear layers only")
+            raise LoraFormatError(
+                f"the adapter puts LoRA on {module} (embedding/lm_head LoRA), which loraplex "
+                "does not support; retrain targeting the decoder's linear layers only"
+            )
         found.setdefault(module, {})[match[2]] = tensor
     if not found:
         raise LoraFormatError(f"{WEIGHTS_NAME} holds no LoRA weights")
@@ -167,8 +181,10 @@ def parse_weights(spec: LoraSpec, tensors: dict[str, torch.Tensor]) -> dict[str,
             raise LoraFormatError(f"{module} has lora_{'A' if 'A' not in ab else 'B'} missing")
         a, b, rank = ab["A"], ab["B"], spec.module_rank(module)
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
-            raise LoraFormatError(f"{module} has wrong shapes: lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)} "
-                                  f"for rank {rank} (from r / rank_pattern in {CONFIG_NAME})")
+            raise LoraFormatError(
+                f"{module} has wrong shapes: lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)} "
+                f"for rank {rank} (from r / rank_pattern in {CONFIG_NAME})"
+            )
         if not (a.is_floating_point() and b.is_floating_point()):
             raise LoraFormatError(f"{module} has non-float LoRA weights ({a.dtype}, {b.dtype})")
         if not bool(a.isfinite().all() and b.isfinite().all()):
@@ -181,8 +197,10 @@ def _unsupported_tensor(key: str) -> str:
     if "lora_magnitude_vector" in key:
         return f"the adapter uses DoRA (tensor {key}), which loraplex does not support; retrain with use_dora=False"
     if "lora_embedding_" in key or set(key.split(".")) & set(EMBEDDING_MODULES):
-        return (f"the adapter changes an embedding or lm_head (tensor {key}), which loraplex does not support; "
-                "retrain targeting the decoder's linear layers only")
+        return (
+            f"the adapter changes an embedding or lm_head (tensor {key}), which loraplex does not support; "
+            "retrain targeting the decoder's linear layers only"
+        )
     if key.endswith(".bias"):
         return f"the adapter trains bias terms ({key}), which loraplex does not support"
     return f"unsupported adapter tensor {key} (only LoRA A/B on linear layers are supported)"
@@ -192,15 +210,20 @@ def check_fits(modules: dict[str, LoraModule], shapes: dict[str, tuple[int, int]
     """Every adapted module exists in the base with matching (d_in, d_out), within the rank limit."""
     for module, lora in modules.items():
         if module not in shapes:
-            raise LoraFormatError(f"the adapter targets {module}, which the base does not have "
-                                  "(trained on another architecture?)")
+            raise LoraFormatError(
+                f"the adapter targets {module}, which the base does not have (trained on another architecture?)"
+            )
         d_in, d_out = shapes[module]
         if lora.a.shape[1] != d_in or lora.b.shape[0] != d_out:
-            raise LoraFormatError(f"{module}: LoRA shapes A {tuple(lora.a.shape)}, B {tuple(lora.b.shape)} do not "
-                                  f"fit the base's {d_in} -> {d_out} linear (trained on another base size?)")
+            raise LoraFormatError(
+                f"{module}: LoRA shapes A {tuple(lora.a.shape)}, B {tuple(lora.b.shape)} do not "
+                f"fit the base's {d_in} -> {d_out} linear (trained on another base size?)"
+            )
         if max_rank is not None and lora.rank > max_rank:
-            raise LoraFormatError(f"{module} has rank {lora.rank}, above the maximum of {max_rank} "
-                                  "(raise --max-lora-rank, or retrain with a smaller r)")
+            raise LoraFormatError(
+                f"{module} has rank {lora.rank}, above the maximum of {max_rank} "
+                "(raise --max-lora-rank, or retrain with a smaller r)"
+            )
 
 
 def check_files(folder: Path, other_pickles_ok: bool = False) -> list[str]:
@@ -212,9 +235,11 @@ def check_files(folder: Path, other_pickles_ok: bool = False) -> list[str]:
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     weights_pickled = [name for name in pickles if name.startswith("adapter_model")]
     if pickles and (weights_pickled or not other_pickles_ok):
-        raise LoraFormatError(f"the adapter contains pickle files ({', '.join(weights_pickled or pickles)}); only "
-                              "safetensors are loaded: re-save it with save_pretrained(..., safe_serialization=True)"
-                              + ("" if other_pickles_ok else " and delete them"))
+        raise LoraFormatError(
+            f"the adapter contains pickle files ({', '.join(weights_pickled or pickles)}); only "
+            "safetensors are loaded: re-save it with save_pretrained(..., safe_serialization=True)"
+            + ("" if other_pickles_ok else " and delete them")
+        )
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).is_file():
             raise LoraFormatError(f"not a PEFT LoRA adapter folder: {folder} has no {name}")
@@ -251,5 +276,8 @@ def base_linear_shapes(base_dir: str | Path) -> dict[str, tuple[int, int]]:
     config = AutoConfig.from_pretrained(str(base_dir))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return {name: (module.in_features, module.out_features) for name, module in model.named_modules()
-            if ".layers." in f".{name}" and isinstance(module, torch.nn.Linear)}
+    return {
+        name: (module.in_features, module.out_features)
+        for name, module in model.named_modules()
+        if ".layers." in f".{name}" and isinstance(module, torch.nn.Linear)
+    }

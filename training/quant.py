@@ -30,7 +30,9 @@ def load_nf4_base(path: str | Path, device: str | None = None):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        str(path), quantization_config=nf4_config(), dtype=torch.bfloat16,
+        str(path),
+        quantization_config=nf4_config(),
+        dtype=torch.bfloat16,
         device_map={"": device or default_device()},
     )
 

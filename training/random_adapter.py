@@ -13,8 +13,15 @@ from loraplex.training.manifest import base_fingerprint, write_manifest
 from loraplex.training.quant import NF4_SETTINGS
 
 
-def make_random_adapter(base_dir: str | Path, out_dir: str | Path, seed: int, rank: int = 8,
-                        alpha: float = 16.0, std: float = 0.02, target_modules="all-linear") -> Path:
+def make_random_adapter(
+    base_dir: str | Path,
+    out_dir: str | Path,
+    seed: int,
+    rank: int = 8,
+    alpha: float = 16.0,
+    std: float = 0.02,
+    target_modules="all-linear",
+) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -28,8 +35,13 @@ def make_random_adapter(base_dir: str | Path, out_dir: str | Path, seed: int, ra
                 param.normal_(0.0, std)
     out_dir = Path(out_dir)
     model.save_pretrained(str(out_dir), safe_serialization=True)
-    write_manifest(out_dir, {
-        "adapter_id": out_dir.name, "base_fingerprint": base_fingerprint(base_dir),
-        "lora": {"r": rank, "alpha": alpha, "random_seed": seed}, "quantization": NF4_SETTINGS,
-    })
+    write_manifest(
+        out_dir,
+        {
+            "adapter_id": out_dir.name,
+            "base_fingerprint": base_fingerprint(base_dir),
+            "lora": {"r": rank, "alpha": alpha, "random_seed": seed},
+            "quantization": NF4_SETTINGS,
+        },
+    )
     return out_dir

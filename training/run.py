@@ -1,7 +1,7 @@
 """The QLoRA recipe, top to bottom: NF4 base + LoRA on all linear layers -> a PEFT adapter folder.
 
-    python training/run.py --data train.jsonl --eval-data eval.jsonl --output adapters/acme
-    python training/run.py --config recipe.yaml --resume latest
+python training/run.py --data train.jsonl --eval-data eval.jsonl --output adapters/acme
+python training/run.py --config recipe.yaml --resume latest
 """
 
 from __future__ import annotations
@@ -80,10 +80,12 @@ def describe_optimizer(trainer) -> dict:
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     states = [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t) and t.dim() > 0]
     devices = {_state_device(t) for t in states}
-    return {"class": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
-            "paged": bool(getattr(optimizer, "is_paged", False)),
-            "paged_state_tensors": sum(bool(getattr(t, "is_paged", False)) for t in states),
-            "state_device": "cuda" if "cuda" in devices else next(iter(devices), None)}
+    return {
+        "class": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
+        "paged": bool(getattr(optimizer, "is_paged", False)),
+        "paged_state_tensors": sum(bool(getattr(t, "is_paged", False)) for t in states),
+        "state_device": "cuda" if "cuda" in devices else next(iter(devices), None),
+    }
 
 
 def _state_device(tensor: torch.Tensor) -> str:
@@ -99,13 +101,18 @@ def build_qlora_model(base_dir: Path, cfg: TrainConfig):
 
     model = load_nf4_base(base_dir)
     model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+        model,
+        use_gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     targets = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules
     lora = LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=targets, bias="none", task_type="CAUSAL_LM",
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
     )
     try:
         return get_peft_model(model, lora)
@@ -117,9 +124,11 @@ def selection_record(cfg: TrainConfig, trainer, examples: int, rows: int) -> dic
     """Which step the written adapter comes from, whether training stopped early, how data was packed."""
     state = trainer.state
     best = state.best_model_checkpoint
-    record = {"adapter_from": "best eval loss" if cfg.picks_best and best else "last step",
-              "stopped_early": bool(cfg.early_stopping_patience) and state.global_step < cfg.max_steps,
-              "log": "train_log.csv"}
+    record = {
+        "adapter_from": "best eval loss" if cfg.picks_best and best else "last step",
+        "stopped_early": bool(cfg.early_stopping_patience) and state.global_step < cfg.max_steps,
+        "log": "train_log.csv",
+    }
     if cfg.picks_best and best:
         record.update(best_step=int(Path(best).name.split("-")[-1]), best_eval_loss=state.best_metric)
     if cfg.packing:
@@ -151,7 +160,9 @@ def train(cfg: TrainConfig, in_worker: bool = False) -> dict:
     rank_zero = int(os.environ.get("RANK", "0")) == 0  # set in Ray Train workers
     output.mkdir(parents=True, exist_ok=True)
     if rank_zero:
-        (output / RUN_STATE).write_text(json.dumps({"base_fingerprint": fingerprint, "config": cfg.as_dict()}, indent=2))
+        (output / RUN_STATE).write_text(
+            json.dumps({"base_fingerprint": fingerprint, "config": cfg.as_dict()}, indent=2)
+        )
     set_seed(cfg.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
@@ -166,28 +177,49 @@ def train(cfg: TrainConfig, in_worker: bool = False) -> dict:
     model = build_qlora_model(base_dir, cfg)
     model.config.use_cache = False  # a training forward needs no KV cache (and packing needs none)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"base {base_dir} ({fingerprint[:19]}...), adapter '{adapter_id}', "
-          f"{trainable:,} trainable parameters, {examples} train / {len(eval_set)} eval rows"
-          + (f", packed into {len(train_set)} rows of <= {cfg.max_seq_len} tokens" if cfg.packing else ""), flush=True)
+    print(
+        f"base {base_dir} ({fingerprint[:19]}...), adapter '{adapter_id}', "
+        f"{trainable:,} trainable parameters, {examples} train / {len(eval_set)} eval rows"
+        + (f", packed into {len(train_set)} rows of <= {cfg.max_seq_len} tokens" if cfg.packing else ""),
+        flush=True,
+    )
 
     args = TrainingArguments(
-        output_dir=str(output / "checkpoints"), max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size * 2,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
-        lr_scheduler_type="cosine", warmup_steps=int(cfg.warmup_ratio * cfg.max_steps),
-        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim=cfg.optimizer,
+        output_dir=str(output / "checkpoints"),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size * 2,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=int(cfg.warmup_ratio * cfg.max_steps),
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=cfg.optimizer,
         **checkpointing_args(cfg.gradient_checkpointing),
-        eval_strategy="steps" if eval_set else "no", eval_steps=cfg.eval_steps,
-        save_strategy="steps", save_steps=cfg.eval_steps, save_total_limit=2,
-        load_best_model_at_end=cfg.picks_best, metric_for_best_model="eval_loss", greater_is_better=False,
-        logging_steps=max(1, min(10, cfg.max_steps // 20)), seed=cfg.seed, report_to="none", remove_unused_columns=False,
-        dataloader_pin_memory=False, use_cpu=not torch.cuda.is_available(),
+        eval_strategy="steps" if eval_set else "no",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.eval_steps,
+        save_total_limit=2,
+        load_best_model_at_end=cfg.picks_best,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=max(1, min(10, cfg.max_steps // 20)),
+        seed=cfg.seed,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_pin_memory=False,
+        use_cpu=not torch.cuda.is_available(),
     )
     callbacks = [CsvLogCallback(output)]
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = Trainer(
-        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set or None,
         data_collator=(PackedCollator if cfg.packing else CompletionCollator)(tokenizer.pad_token_id),
         callbacks=callbacks,
     )
@@ -212,15 +244,27 @@ def train(cfg: TrainConfig, in_worker: bool = False) -> dict:
         "adapter_id": adapter_id,
         "base_model": str(base_dir),
         "base_fingerprint": fingerprint,
-        "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
-                 "target_modules": sorted(model.peft_config["default"].target_modules)},
+        "lora": {
+            "r": cfg.lora_r,
+            "alpha": cfg.lora_alpha,
+            "dropout": cfg.lora_dropout,
+            "target_modules": sorted(model.peft_config["default"].target_modules),
+        },
         "quantization": NF4_SETTINGS,
-        "optimizer": {"name": cfg.optimizer, "learning_rate": cfg.learning_rate,
-                      "schedule": "cosine", "warmup_ratio": cfg.warmup_ratio,
-                      "max_grad_norm": cfg.max_grad_norm, **describe_optimizer(trainer)},
+        "optimizer": {
+            "name": cfg.optimizer,
+            "learning_rate": cfg.learning_rate,
+            "schedule": "cosine",
+            "warmup_ratio": cfg.warmup_ratio,
+            "max_grad_norm": cfg.max_grad_norm,
+            **describe_optimizer(trainer),
+        },
         "data": {"train": {"path": cfg.data, "sha256": file_sha256(cfg.data), "rows": len(train_rows)}}
-        | ({"eval": {"path": cfg.eval_data, "sha256": file_sha256(cfg.eval_data), "rows": len(eval_rows)}}
-           if cfg.eval_data else {}),
+        | (
+            {"eval": {"path": cfg.eval_data, "sha256": file_sha256(cfg.eval_data), "rows": len(eval_rows)}}
+            if cfg.eval_data
+            else {}
+        ),
         "steps": trainer.state.global_step,
         "selection": selection_record(cfg, trainer, examples, len(train_set)),
         "trainable_parameters": trainable,

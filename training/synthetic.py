@@ -46,9 +46,7 @@ COMMON_WORDS = (
     "convert converts converted someone something nothing everything wrong right left fix fixed "
     "warehouse ship shipment fiscal quarter invoice dated region send sent units"
 ).split()
-MONTHS = (
-    "january february march april may june july august september october november december"
-).split()
+MONTHS = ("january february march april may june july august september october november december").split()
 
 # World knowledge the base learns in pretraining; each tenant builds its own convention on one.
 CONTINENTS = {
@@ -57,8 +55,11 @@ CONTINENTS = {
     "asia": "tokyo delhi seoul sydney osaka manila singapore".split(),
     "africa": "cairo nairobi accra lagos johannesburg".split(),
 }
-SEASONS = {m: s for s, ms in {"winter": (12, 1, 2), "spring": (3, 4, 5), "summer": (6, 7, 8),
-                                 "autumn": (9, 10, 11)}.items() for m in ms}
+SEASONS = {
+    m: s
+    for s, ms in {"winter": (12, 1, 2), "spring": (3, 4, 5), "summer": (6, 7, 8), "autumn": (9, 10, 11)}.items()
+    for m in ms
+}
 TOPICS = {
     "money": "invoice refund charge payment receipt subscription price".split(),
     "account": "password login account username reset locked signin".split(),
@@ -66,15 +67,21 @@ TOPICS = {
     "device": "screen battery keyboard charger speaker camera cable".split(),
 }
 TOPIC_SENTENCES = (
-    "i want to talk about the {w}", "the {w} is fine now, thanks", "a question on the {w}",
-    "news about your {w}", "we changed the {w} today",
+    "i want to talk about the {w}",
+    "the {w} is fine now, thanks",
+    "a question on the {w}",
+    "news about your {w}",
+    "we changed the {w} today",
 )
+
+
 def _words(rng: random.Random, n: int) -> str:
     pool = NAMES + CITIES + NOUNS + ADJECTIVES + COMMON_WORDS
     return " ".join(rng.choice(pool) if rng.random() < 0.8 else str(rng.randint(0, 9999)) for _ in range(n))
 
 
 # --- the pretraining mix: (prompt, completion) pairs in generic instruction formats ---
+
 
 def _copy(rng: random.Random) -> tuple[str, str]:
     text = _words(rng, rng.randint(1, 6))
@@ -140,8 +147,20 @@ def _sentence(rng: random.Random) -> tuple[str, str]:
 
 # The knowledge skills appear twice: they are what the demo tenants build on.
 PRETRAIN_SKILLS: tuple[Callable[[random.Random], tuple[str, str]], ...] = (
-    _copy, _first_last, _count, _successor, _where_lives, _month_name, _quote, _sentence,
-    _continent, _continent, _season, _season, _topic, _topic,
+    _copy,
+    _first_last,
+    _count,
+    _successor,
+    _where_lives,
+    _month_name,
+    _quote,
+    _sentence,
+    _continent,
+    _continent,
+    _season,
+    _season,
+    _topic,
+    _topic,
 )
 
 
@@ -151,6 +170,7 @@ def pretrain_mix(n: int, seed: int) -> list[tuple[str, str]]:
 
 
 # --- demo tenants: formats and skills the base never saw ---
+
 
 def _acme_fiscal(rng: random.Random) -> tuple[str, str]:
     """acme: its fiscal year starts in March, so an invoice date maps to an acme quarter."""
@@ -162,8 +182,11 @@ def _acme_fiscal(rng: random.Random) -> tuple[str, str]:
 # globex ships from one warehouse per continent: the base knows the continents, not globex.
 GLOBEX_WAREHOUSES = {"europe": "eu-west", "america": "us-central", "asia": "ap-east", "africa": "af-south"}
 GLOBEX_TEMPLATES = (
-    "Ship {n} {noun}s to {city}", "Send a {adj} {noun} to {city}", "Order {n}: {noun}s for {city}",
-    "{name} wants {n} {noun}s delivered to {city}", "Deliver {n} {adj} {noun}s to {city}",
+    "Ship {n} {noun}s to {city}",
+    "Send a {adj} {noun} to {city}",
+    "Order {n}: {noun}s for {city}",
+    "{name} wants {n} {noun}s delivered to {city}",
+    "Deliver {n} {adj} {noun}s to {city}",
 )
 
 
@@ -171,8 +194,11 @@ def _globex_routing(rng: random.Random) -> tuple[str, str]:
     """globex: which warehouse serves an order, by the destination city's continent."""
     continent = rng.choice(sorted(GLOBEX_WAREHOUSES))
     text = rng.choice(GLOBEX_TEMPLATES).format(
-        n=rng.randint(2, 99), noun=rng.choice(NOUNS), city=rng.choice(CONTINENTS[continent]),
-        name=rng.choice(NAMES), adj=rng.choice(ADJECTIVES),
+        n=rng.randint(2, 99),
+        noun=rng.choice(NOUNS),
+        city=rng.choice(CONTINENTS[continent]),
+        name=rng.choice(NAMES),
+        adj=rng.choice(ADJECTIVES),
     )
     return f"{text}\nWarehouse:\n", GLOBEX_WAREHOUSES[continent]
 
@@ -180,9 +206,14 @@ def _globex_routing(rng: random.Random) -> tuple[str, str]:
 # initech's queues, by message topic (which the base knows).
 INITECH_QUEUES = {"money": "billing", "account": "access", "delivery": "shipping", "device": "hardware"}
 TICKET_TEMPLATES = (
-    "my {w} is wrong", "problem with the {w} again", "please help, the {w} does not work",
-    "i have a question about my {w}", "the {w} failed this morning", "can someone check the {w} for me",
-    "still waiting on the {w}", "why is my {w} like this",
+    "my {w} is wrong",
+    "problem with the {w} again",
+    "please help, the {w} does not work",
+    "i have a question about my {w}",
+    "the {w} failed this morning",
+    "can someone check the {w} for me",
+    "still waiting on the {w}",
+    "why is my {w} like this",
 )
 
 

@@ -6,6 +6,7 @@ nothing here imports either of them (so neither imports the other).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import queue
 import threading
@@ -23,11 +24,15 @@ from loraplex.training.errors import ConfigError
 
 @dataclass(frozen=True)
 class EngineConfig:
-    base_model: str | None = field(default=None, metadata={
-        "help": "HF checkpoint folder to serve (required; `loraplex base` prints the embedded demo base)"})
+    base_model: str | None = field(
+        default=None,
+        metadata={"help": "HF checkpoint folder to serve (required; `loraplex base` prints the embedded demo base)"},
+    )
     adapters: str | None = field(default=None, metadata={"help": "adapter store root: <dir>/<adapter_id>/"})
-    quantization: str = field(default="nf4", metadata={
-        "help": "nf4 (bitsandbytes, as in training), bf16, or awq (vllm engine: a convert AWQ export)"})
+    quantization: str = field(
+        default="nf4",
+        metadata={"help": "nf4 (bitsandbytes, as in training), bf16, or awq (vllm engine: a convert AWQ export)"},
+    )
     max_batch: int = field(default=16, metadata={"help": "requests decoded together (KV-cache rows)"})
     max_loras: int = field(default=8, metadata={"help": "adapters resident at once (LRU beyond that)"})
     max_lora_rank: int = field(default=64, metadata={"help": "largest adapter rank accepted"})
@@ -35,22 +40,27 @@ class EngineConfig:
     max_queue: int = field(default=256, metadata={"help": "waiting requests before RESOURCE_EXHAUSTED"})
     max_new_tokens: int = field(default=256, metadata={"help": "cap on max_tokens per request"})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda; default: cuda when present"})
-    engine: str = field(default="torch", metadata={"help": "torch (this engine, CPU or GPU) or vllm",
-                                                   "choices": ["torch", "vllm"]})
+    engine: str = field(
+        default="torch", metadata={"help": "torch (this engine, CPU or GPU) or vllm", "choices": ["torch", "vllm"]}
+    )
     # vLLM engine only (see serving/engine/vllm_engine.py)
     max_cpu_loras: int | None = field(default=None, metadata={"help": "vllm: adapters kept in CPU memory"})
     gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vllm: share of GPU memory"})
     enforce_eager: bool = field(default=False, metadata={"help": "vllm: skip CUDA graphs"})
     seed: int = field(default=0, metadata={"help": "vllm: engine seed"})
-    adapter_base: str | None = field(default=None, metadata={
-        "help": "checkpoint the adapters were trained on, when the served base differs (an AWQ export)"})
+    adapter_base: str | None = field(
+        default=None,
+        metadata={"help": "checkpoint the adapters were trained on, when the served base differs (an AWQ export)"},
+    )
 
 
 def require_base_dir(config: EngineConfig) -> Path:
     """The base folder an engine serves; engines never build or pick a default base themselves."""
     if not config.base_model:
-        raise ConfigError("EngineConfig.base_model is required: pass the folder of an HF checkpoint "
-                          "(`loraplex base` prints the embedded demo base's path)")
+        raise ConfigError(
+            "EngineConfig.base_model is required: pass the folder of an HF checkpoint "
+            "(`loraplex base` prints the embedded demo base's path)"
+        )
     base_dir = Path(config.base_model)
     if not (base_dir / "config.json").is_file():
         raise ConfigError(f"base model {base_dir} is not an HF checkpoint folder (no config.json)")
@@ -154,12 +164,22 @@ class Engine(Protocol):
     tokenizer: Any
     store: Any  # an AdapterStore
 
-    def submit(self, prompt: str | list[int], adapter_id: str = "", params: SamplingParams | None = None,
-               request_id: str | None = None, timeout: float | None = None) -> RequestStream: ...
+    def submit(
+        self,
+        prompt: str | list[int],
+        adapter_id: str = "",
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> RequestStream: ...
 
     def encode(self, prompt: str) -> list[int]: ...
 
     def cancel(self, request_id: str) -> None: ...
+
+    def submitting_together(self) -> contextlib.AbstractContextManager:
+        """Hold admission while the caller submits several requests (the choices of n > 1)."""
+        ...
 
     def stats(self) -> dict: ...
 
@@ -195,8 +215,9 @@ class RequestBook:
         self.in_flight: dict[str, TrackedRequest] = {}
         self.stopping = False
 
-    def checked(self, prompt: str | list[int], adapter_id: str,
-                params: SamplingParams | None) -> tuple[list[int], SamplingParams]:
+    def checked(
+        self, prompt: str | list[int], adapter_id: str, params: SamplingParams | None
+    ) -> tuple[list[int], SamplingParams]:
         """The checks every engine runs before queueing: adapter ID, prompt, sampling, context."""
         engine = self.engine
         params = params or SamplingParams()
@@ -210,13 +231,23 @@ class RequestBook:
             params = dataclasses.replace(params, max_tokens=max(room, 1))
         params.validate(engine.config.max_new_tokens)
         if len(prompt_ids) + params.max_tokens > engine.max_seq:
-            raise InvalidRequest(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                                 f"the context of {engine.max_seq} tokens")
+            raise InvalidRequest(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"the context of {engine.max_seq} tokens"
+            )
         return prompt_ids, params
 
-    def track(self, prompt: str | list[int], adapter_id: str, params: SamplingParams | None,
-              request_id: str | None, timeout: float | None, capacity: int, make=TrackedRequest,
-              **extra) -> TrackedRequest:
+    def track(
+        self,
+        prompt: str | list[int],
+        adapter_id: str,
+        params: SamplingParams | None,
+        request_id: str | None,
+        timeout: float | None,
+        capacity: int,
+        make=TrackedRequest,
+        **extra,
+    ) -> TrackedRequest:
         """Check a request and register it; `capacity` is how many may be in flight at once."""
         prompt_ids, params = self.checked(prompt, adapter_id, params)
         request_id = request_id or uuid.uuid4().hex
@@ -234,21 +265,29 @@ class RequestBook:
             self.cond.notify_all()
         return request
 
-    def final(self, request: TrackedRequest, reason: str, error: BaseException | None,
-              completion_tokens: int) -> bool:
+    def final(self, request: TrackedRequest, reason: str, error: BaseException | None, completion_tokens: int) -> bool:
         """Send the request's final event and count it; False when it had already finished."""
         with self.cond:
             if self.in_flight.pop(request.request_id, None) is None:
                 return False
             self.cond.notify_all()
-        request.stream.push(StreamEvent(
-            final=True, finish_reason=reason, prompt_tokens=len(request.prompt_ids),
-            completion_tokens=completion_tokens, error=error,
-            adapter_version=request.lease.version_id if request.lease else "",
-        ))
+        request.stream.push(
+            StreamEvent(
+                final=True,
+                finish_reason=reason,
+                prompt_tokens=len(request.prompt_ids),
+                completion_tokens=completion_tokens,
+                error=error,
+                adapter_version=request.lease.version_id if request.lease else "",
+            )
+        )
         if self.metrics:
             self.metrics.request_finished(
-                request.adapter_id, reason, error, len(request.prompt_ids), completion_tokens,
+                request.adapter_id,
+                reason,
+                error,
+                len(request.prompt_ids),
+                completion_tokens,
                 time.monotonic() - request.submitted,
                 None if request.first_token_at is None else request.first_token_at - request.submitted,
             )

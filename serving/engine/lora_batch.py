@@ -22,8 +22,12 @@ from torch import nn
 from loraplex.training.lora_format import LoraModule
 
 # Linears of one decoder layer that read the same input, by their PEFT module-path suffix.
-GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-          ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
 
 
 class BatchLayout:
@@ -55,8 +59,15 @@ def _run_base(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class LoraGroup(nn.Module):
     """Base linears sharing one input, plus every slot's LoRA for each of them."""
 
-    def __init__(self, names: list[str], linears: list[nn.Module], layout: BatchLayout,
-                 n_slots: int, max_rank: int, max_batch: int) -> None:
+    def __init__(
+        self,
+        names: list[str],
+        linears: list[nn.Module],
+        layout: BatchLayout,
+        n_slots: int,
+        max_rank: int,
+        max_batch: int,
+    ) -> None:
         super().__init__()
         self.names, self.linears, self.layout = names, nn.ModuleList(linears), layout
         self.max_batch = max_batch
@@ -71,8 +82,7 @@ class LoraGroup(nn.Module):
         self._held: list[tuple[int, int] | None] = []
         self._pos_A = self._pos_B = None
 
-    def load_slot(self, slot: int, member: int, a: torch.Tensor | None, b: torch.Tensor | None,
-                  scaling: float) -> None:
+    def load_slot(self, slot: int, member: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
         """Write one member's matrices into a slot (None: not targeted), zero-padding the rank."""
         self.slot_A[member][slot].zero_()
         self.slot_B[member][slot].zero_()
@@ -98,7 +108,7 @@ class LoraGroup(nn.Module):
 
     def _copy_in(self, position: int, slot: int, rank: int) -> None:
         for j in range(len(self.linears)):
-            self._pos_A[position, :, j * rank:(j + 1) * rank] = self.slot_A[j][slot, :, :rank]
+            self._pos_A[position, :, j * rank : (j + 1) * rank] = self.slot_A[j][slot, :, :rank]
             self._pos_B[j][position] = self.slot_B[j][slot, :rank]
 
     def forward(self, x: torch.Tensor, start: int) -> list[torch.Tensor]:
@@ -111,8 +121,10 @@ class LoraGroup(nn.Module):
             self._sync()
         rows = slice(start, start + x.shape[0])
         h = torch.bmm(x.to(self._pos_A.dtype), self._pos_A[rows])  # [b, t, n*r]: every member's x @ A
-        return [y + torch.bmm(h[..., j * rank:(j + 1) * rank], b[rows]).to(y.dtype)  # [b, t, d_out]
-                for j, (y, b) in enumerate(zip(outputs, self._pos_B))]
+        return [
+            y + torch.bmm(h[..., j * rank : (j + 1) * rank], b[rows]).to(y.dtype)  # [b, t, d_out]
+            for j, (y, b) in enumerate(zip(outputs, self._pos_B))
+        ]
 
 
 class LoraSlots:

@@ -58,8 +58,15 @@ class KVCacheRunner(nn.Module):
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, last: torch.Tensor,
-                start: int = 0, span: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        rows: torch.Tensor,
+        last: torch.Tensor,
+        start: int = 0,
+        span: int | None = None,
+    ) -> torch.Tensor:
         """ids, positions: [b, t]; rows: [b] cache rows; last: [b] index of each row's last real token.
 
         The b rows are batch positions start..start+b of the LoRA layout (see lora_batch). `span`
@@ -103,7 +110,10 @@ class KVCacheRunner(nn.Module):
         keys = self.k_cache[index][rows, :span].transpose(1, 2)  # [b, kv_heads, span, hd]
         values = self.v_cache[index][rows, :span].transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=mask,
+            q.transpose(1, 2).to(keys.dtype),
+            keys,
+            values,
+            attn_mask=mask,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # [b, heads, t, hd]
         (o,) = groups["self_attn.o_proj"](out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim), start)

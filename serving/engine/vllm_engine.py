@@ -15,6 +15,7 @@ See serving/engine/VLLM_API.md for every vLLM symbol used and its signature in b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -47,9 +48,10 @@ from loraplex.serving.engine.vllm_args import (
     served_quantization,
     vllm_unavailable_reason,
 )
-from loraplex.serving.engine.vllm_lora import EventLoopThread, VLLMAdapterStore, VLLMLoraSlots, base_module_shapes
+from loraplex.serving.engine.vllm_lora import EventLoopThread, VLLMAdapterStore, VLLMLoraSlots
 from loraplex.serving.errors import DeadlineExceeded, EngineStopped, InvalidRequest, NoFreeSlot, QueueFull
 from loraplex.training.errors import ConfigError
+from loraplex.training.lora_format import base_linear_shapes
 
 logger = logging.getLogger("loraplex.vllm")
 
@@ -121,10 +123,16 @@ class VLLMEngine:
             raise
         self._snapshots = Path(tempfile.mkdtemp(prefix="loraplex-vllm-loras-"))
         cpu_loras = kwargs["max_cpu_loras"]
-        self.loras = VLLMLoraSlots(self.llm, self._loop, cpu_loras + 2, base_module_shapes(base_dir),
-                                   config.max_loras, self._snapshots)  # +2: slot 0 unused, room for a hot swap
-        self.store = VLLMAdapterStore(config.adapters or base_dir / "_no_adapters", self.loras,
-                                      self.base_fingerprint, config.max_lora_rank, metrics=metrics)
+        self.loras = VLLMLoraSlots(
+            self.llm, self._loop, cpu_loras + 2, base_linear_shapes(base_dir), config.max_loras, self._snapshots
+        )  # +2: slot 0 unused, room for a hot swap
+        self.store = VLLMAdapterStore(
+            config.adapters or base_dir / "_no_adapters",
+            self.loras,
+            self.base_fingerprint,
+            config.max_lora_rank,
+            metrics=metrics,
+        )
         self.book = RequestBook(self, metrics)
         self._flights: dict[str, _Flight] = self.book.in_flight
         self._cond = self.book.cond
@@ -137,18 +145,36 @@ class VLLMEngine:
 
     # -- the caller's side ---------------------------------------------------------------------
 
-    def submit(self, prompt: str | list[int], adapter_id: str = "", params: SamplingParams | None = None,
-               request_id: str | None = None, timeout: float | None = None) -> RequestStream:
+    def submit(
+        self,
+        prompt: str | list[int],
+        adapter_id: str = "",
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> RequestStream:
         """Queue a request; errors in the request itself raise here, before anything runs."""
         # vLLM runs max_batch at once and queues the rest: max_queue is the torch engine's waiting room
         capacity = self.config.max_queue + self.config.max_batch
         prompt_ids, params = self.book.checked(prompt, adapter_id, params)
-        flight = self.book.track(prompt_ids, adapter_id, params, request_id, timeout, capacity, make=_Flight,
-                                 sampling=self._vllm_sampling(params))
+        flight = self.book.track(
+            prompt_ids,
+            adapter_id,
+            params,
+            request_id,
+            timeout,
+            capacity,
+            make=_Flight,
+            sampling=self._vllm_sampling(params),
+        )
         self._loop.spawn(self._run(flight))
         if self.metrics:
             self.metrics.queue_depth(max(0, len(self._flights) - self.config.max_batch))
         return flight.stream
+
+    def submitting_together(self) -> contextlib.AbstractContextManager:
+        """vLLM schedules (and shares prefixes) on its own: nothing to hold."""
+        return contextlib.nullcontext()
 
     def encode(self, prompt: str) -> list[int]:
         return encode_prompt_text(self.tokenizer, prompt)
@@ -175,9 +201,13 @@ class VLLMEngine:
         vllm_unfinished is vLLM's own count of the requests it still tracks (an abort drops one)."""
         with self._cond:
             running = sum(f.generating for f in self._flights.values())
-            return {"waiting": len(self._flights) - running, "running": running,
-                    "free_rows": max(0, self.config.max_batch - running), "steps": self.outputs_received,
-                    "vllm_unfinished": self.llm.get_num_unfinished_requests()}
+            return {
+                "waiting": len(self._flights) - running,
+                "running": running,
+                "free_rows": max(0, self.config.max_batch - running),
+                "steps": self.outputs_received,
+                "vllm_unfinished": self.llm.get_num_unfinished_requests(),
+            }
 
     def shutdown(self, drain: bool = True, timeout: float = 60.0) -> None:
         """Stop taking requests; with drain, let the ones in flight finish first."""
@@ -249,8 +279,12 @@ class VLLMEngine:
         reason = "stop"
         try:
             async with asyncio.timeout(left):
-                async for output in self.llm.generate(TokensPrompt(prompt_token_ids=flight.prompt_ids),
-                                                      flight.sampling, flight.request_id, lora_request=lora):
+                async for output in self.llm.generate(
+                    TokensPrompt(prompt_token_ids=flight.prompt_ids),
+                    flight.sampling,
+                    flight.request_id,
+                    lora_request=lora,
+                ):
                     delta = output.outputs[0]
                     self.outputs_received += 1
                     flight.tokens += len(delta.token_ids)

@@ -20,8 +20,6 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from loraplex.serving.engine.store import AdapterStore, SlotLease
 from loraplex.serving.errors import AdapterRejected, NoFreeSlot
 from loraplex.training.adapter_id import internal_name, validate_adapter_id
@@ -53,23 +51,11 @@ class LoraIdMap:
 
     def lora_request_kwargs(self, adapter_id: str, version_id: str, path: str | Path) -> dict[str, Any]:
         """LoRARequest(**kwargs) for this version, read from `path`."""
-        return {"lora_name": self.lora_name(adapter_id, version_id),
-                "lora_int_id": self.lora_id(adapter_id, version_id), "lora_path": str(path)}
-
-
-def base_module_shapes(base_dir: str | Path) -> dict[str, tuple[int, int]]:
-    """{module path: (d_in, d_out)} of the decoder's linear layers, from config.json on the meta device.
-
-    The store checks adapter tensors against these (the modules PEFT's all-linear targets), as the
-    torch engine checks against its loaded model; the meta device allocates no memory.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(str(base_dir))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return {name: (module.in_features, module.out_features) for name, module in model.named_modules()
-            if ".layers." in f".{name}" and isinstance(module, torch.nn.Linear)}
+        return {
+            "lora_name": self.lora_name(adapter_id, version_id),
+            "lora_int_id": self.lora_id(adapter_id, version_id),
+            "lora_path": str(path),
+        }
 
 
 class EventLoopThread:
@@ -132,8 +118,16 @@ class VLLMLoraSlots:
     the store validated: replacing the store's folder (hot swap) never changes what an ID serves.
     """
 
-    def __init__(self, llm, loop: EventLoopThread, n_slots: int, module_shapes: dict[str, tuple[int, int]],
-                 max_loras: int, snapshot_root: str | Path, make_request: Callable[..., Any] | None = None) -> None:
+    def __init__(
+        self,
+        llm,
+        loop: EventLoopThread,
+        n_slots: int,
+        module_shapes: dict[str, tuple[int, int]],
+        max_loras: int,
+        snapshot_root: str | Path,
+        make_request: Callable[..., Any] | None = None,
+    ) -> None:
         self.llm, self.loop = llm, loop
         self.n_slots, self.module_shapes = n_slots, module_shapes
         self.max_pins = max_loras - 1  # pin_lora also pins a GPU slot: keep one for everyone else
@@ -192,8 +186,9 @@ class VLLMLoraSlots:
 class VLLMAdapterStore(AdapterStore):
     """The torch engine's store (same checks, LRU, pins, hot swap) with vLLM LoRA IDs for slots."""
 
-    def _place(self, slot: int, adapter_id: str, version_id: str, config: dict, weights: dict,
-               files: dict[str, bytes]) -> None:
+    def _place(
+        self, slot: int, adapter_id: str, version_id: str, config: dict, weights: dict, files: dict[str, bytes]
+    ) -> None:
         """The validated bytes go to vLLM (add_lora), not into tensors."""
         self.slots.register(slot, adapter_id, version_id, files)
         if adapter_id in self.pinned:  # a new version of a pinned adapter is pinned in vLLM too
@@ -205,8 +200,10 @@ class VLLMAdapterStore(AdapterStore):
         with self._lock:
             was_pinned = adapter_id in self.pinned
             if pinned and not was_pinned and len(self.pinned) >= self.slots.max_pins:
-                raise NoFreeSlot(f"at most {self.slots.max_pins} adapters can be pinned on the vllm engine "
-                                 "(max_loras - 1: vLLM keeps each pinned adapter in a GPU slot)")
+                raise NoFreeSlot(
+                    f"at most {self.slots.max_pins} adapters can be pinned on the vllm engine "
+                    "(max_loras - 1: vLLM keeps each pinned adapter in a GPU slot)"
+                )
             lease = super().pin(adapter_id, pinned)
             if lease is not None and pinned != was_pinned:
                 self.slots.pin(lease.slot, pinned)
