@@ -174,11 +174,15 @@ def compare(
 # the base alone: a small model whose rows fall back to q5_0 loses agreement with or without an
 # adapter, and a fixed floor cannot tell that from a broken export. Measured on hidden-576
 # models (README, "Convert" > Verify): intact Q8_0/Q4_K_M exports had KL ratios 0.95-1.84 and
-# agreement -14..+15 points from the base's (top-1 flips near ties on flat random-init models);
-# the same exports with their adapter lost had ratios 3.5-4279 and -19..-97 points. KL_SLACK
-# absorbs F16 noise, where the base's own KL is ~1e-6 and a ratio means nothing.
-KL_RATIO_MAX = 2.5
-KL_SLACK = 1e-3
+# agreement -14..+15 points from the base's; the same exports with their adapter lost had ratios
+# 3.5-4279 and agreement -19..-97 points, so the agreement bound alone separates every case
+# measured. The KL ratio is the second guard, set above what a faithful demo export shows: the
+# globex-routing Q4_K_M export measured ratio 8.3 (KL 0.132 vs the base's 0.016; agreement -5.8
+# points, 100% exact match, same perplexity), since a merged adapter amplifies rounding. KL_SLACK
+# absorbs damage too small to matter where the base's own KL is tiny: F16 (~1e-6), and the demo
+# Q8_0 exports (globex 0.0037 against 0.00024, 99% agreement, 100% exact match).
+KL_RATIO_MAX = 10.0
+KL_SLACK = 5e-3
 AGREEMENT_DROP_MAX = 0.15
 
 

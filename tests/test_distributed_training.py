@@ -17,6 +17,8 @@ pytest.importorskip("ray.train", reason="Ray Train is part of the dev setup (mak
 def test_two_workers_match_single_worker_exact_match(tmp_path):
     train, evaluation = tenant_data("globex-routing")
     out = tmp_path / "globex-dp2"
+    # the committed adapter is the 1-worker run compared against: train with its recipe
+    lora = json.loads((demo_adapter_dir("globex-routing") / MANIFEST_NAME).read_text())["lora"]
     done = run_cli(
         str(REPO / "training" / "run.py"),
         "--data",
@@ -27,6 +29,10 @@ def test_two_workers_match_single_worker_exact_match(tmp_path):
         str(out),
         "--workers",
         "2",
+        "--lora-r",
+        str(lora["r"]),
+        "--lora-alpha",
+        str(lora["alpha"]),
         timeout=1800,
     )
     assert done.returncode == 0, done.stderr[-3000:]
