@@ -30,6 +30,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 KINDS = ("grpc", "grpc-stream", "http", "http-stream")
+# checks that must be 0 for a run to pass (the table prints "ok" and "failed" beside them)
+MUST_BE_ZERO = (
+    "lost",
+    "duplicated",
+    "wrong_request_id",
+    "wrong_adapter",
+    "wrong_text",
+    "inconsistent_stream",
+    "unclean_failures",
+    "failed_outside_kill",
+)
 PROMPTS = [
     "Write a sentence about the red cat:\n",
     "Month number 7 is called\n",
@@ -361,18 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f"; a replica killed at {result.kill_time - result.started:.0f}s" if result.kill_time else "")
     )
     print("| check | count |\n|---|---|")
-    for name in (
-        "ok",
-        "failed",
-        "lost",
-        "duplicated",
-        "wrong_request_id",
-        "wrong_adapter",
-        "wrong_text",
-        "inconsistent_stream",
-        "unclean_failures",
-        "failed_outside_kill",
-    ):
+    for name in ("ok", "failed", *MUST_BE_ZERO):
         print(f"| {name} | {checks[name]} |")
     print(
         f"failures: {dict(checks['failures'])}; by kind: {dict(checks['by_kind'])}; "
@@ -392,19 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             default=str,
         )
     )
-    bad = sum(
-        checks[k]
-        for k in (
-            "lost",
-            "duplicated",
-            "wrong_request_id",
-            "wrong_adapter",
-            "wrong_text",
-            "inconsistent_stream",
-            "unclean_failures",
-            "failed_outside_kill",
-        )
-    )
+    bad = sum(checks[k] for k in MUST_BE_ZERO)
     return 1 if bad else 0
 
 
