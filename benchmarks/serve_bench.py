@@ -1,12 +1,15 @@
-"""Serving benchmark: N concurrent clients over K adapters, three ways, side by side in one run.
+"""Serving benchmark: N concurrent clients over K adapters, side by side in one run.
 
   (a) base     the loraplex engine with no adapters (the ceiling for the same concurrency)
   (b) naive    one PEFT model holding all adapters, one request at a time, set_adapter per request
-  (c) loraplex the engine with every request on its own adapter, continuous mixed batching
+  (c) loraplex the engine with every request on its own adapter, continuous mixed batching:
+               the batched LoRA op (each adapter read once per step), with float32 and with
+               bfloat16 adapter storage, and the per-row bmm path it replaced (--compare-paths)
 
 Reports generated tokens/s and p50/p99 request latency; prints a table and writes JSON.
 
     python benchmarks/serve_bench.py [--clients 16] [--adapters 8] [--requests 64] [--max-tokens 32] [--rank 16]
+                                     [--shape smollm2-135m | --base-model DIR] [--compare-paths]
 """
 
 from __future__ import annotations
@@ -119,6 +122,10 @@ def run_naive_peft(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-model", type=Path, default=None)
+    parser.add_argument("--shape", choices=["smollm2-135m", "llama-1b"], help="random-init model of this shape")
+    parser.add_argument(
+        "--compare-paths", action="store_true", help="torch engine: also bf16 adapter storage and the per-row bmm path"
+    )
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--requests", type=int, default=64)
@@ -137,6 +144,10 @@ def main() -> int:
     from loraplex.training.random_adapter import make_random_adapter
 
     base_dir = args.base_model or ensure_base()
+    if args.shape:
+        from benchmarks.shapes import build_shape
+
+        base_dir = build_shape(args.shape, Path(tempfile.gettempdir()) / f"loraplex-shape-{args.shape}")
     store = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
     adapter_dirs = {
         f"bench-{i}": make_random_adapter(base_dir, store / f"bench-{i}", seed=i, rank=args.rank)
@@ -144,8 +155,9 @@ def main() -> int:
     }
     ids = list(adapter_dirs)
     jobs = [(PROMPTS[i % len(PROMPTS)], ids[i % len(ids)]) for i in range(args.requests)]
-    engine = create_engine(
-        EngineConfig(
+
+    def start(**overrides):
+        config = dict(
             base_model=str(base_dir),
             adapters=str(store),
             max_batch=args.clients,
@@ -153,17 +165,28 @@ def main() -> int:
             quantization=args.quantization,
             engine=args.engine,
         )
-    )
+        engine = create_engine(EngineConfig(**(config | overrides)))
+        run_engine(engine, jobs[: args.clients], args.clients, 4, "warm-up")  # loads every adapter once
+        return engine
+
+    engine = start()
     # vLLM's CPU build serves an nf4 request in bf16: the naive baseline then runs on bf16 too
     precision = getattr(engine, "base_precision", args.quantization)
-    run_engine(engine, jobs[: args.clients], args.clients, 4, "warm-up")  # loads every adapter once
     base = run_engine(engine, [(p, "") for p, _ in jobs], args.clients, args.max_tokens, "base alone")
     ours = run_engine(engine, jobs, args.clients, args.max_tokens, "loraplex")
+    extra = []
+    if args.compare_paths and args.engine == "torch":
+        for group in (g for layer in engine.slots.groups for g in layer.values()):
+            group.use_op = False  # the per-row bmm path (engine v1; CUDA's path)
+        extra.append(run_engine(engine, jobs, args.clients, args.max_tokens, "loraplex per-row bmm"))
+        engine.shutdown()
+        engine = start(adapter_dtype="bfloat16")
+        extra.append(run_engine(engine, jobs, args.clients, args.max_tokens, "loraplex bf16 adapters"))
     engine.shutdown()
     # (b) last: torch work in this thread while the engine thread runs would slow the engine
     # (libgomp gives each thread its own worker pool; see serving/engine/engine.py)
     naive = run_naive_peft(base_dir, adapter_dirs, jobs[: args.naive_requests], args.max_tokens, precision)
-    results = [base, naive, ours]
+    results = [base, naive, ours, *extra]
     print(
         f"\n{args.clients} clients over {args.adapters} adapters, {args.max_tokens} new tokens, "
         f"{precision} base {base_dir}, {args.engine} engine"
@@ -174,6 +197,7 @@ def main() -> int:
     ratios = {
         "loraplex_vs_naive": ours["tokens_per_s"] / naive["tokens_per_s"],
         "loraplex_vs_base": ours["tokens_per_s"] / base["tokens_per_s"],
+        **{f"{r['mode']} vs base": r["tokens_per_s"] / base["tokens_per_s"] for r in extra},
     }
     print(
         f"\nloraplex / naive = {ratios['loraplex_vs_naive']:.1f}x   loraplex / base = {ratios['loraplex_vs_base']:.0%}"

@@ -36,6 +36,18 @@ class EngineConfig:
     max_batch: int = field(default=16, metadata={"help": "requests decoded together (KV-cache rows)"})
     max_loras: int = field(default=8, metadata={"help": "adapters resident at once (LRU beyond that)"})
     max_lora_rank: int = field(default=64, metadata={"help": "largest adapter rank accepted"})
+    host_adapter_bytes: int = field(
+        default=2 << 30,
+        metadata={"help": "host-memory tier: bytes of validated adapters kept in RAM (LRU), so a slot miss is a copy"},
+    )
+    adapter_dtype: str = field(
+        default="float32",
+        metadata={"help": "torch engine: adapter weights stored as float32 (PEFT's) or bfloat16 (half the bytes read)"},
+    )
+    max_rows_per_adapter: int = field(
+        default=0,
+        metadata={"help": "rows one adapter may hold while others wait (fairness); 0 = half of max_batch"},
+    )
     max_seq: int = field(default=256, metadata={"help": "context length: prompt + new tokens"})
     max_queue: int = field(default=256, metadata={"help": "waiting requests before RESOURCE_EXHAUSTED"})
     max_new_tokens: int = field(default=256, metadata={"help": "cap on max_tokens per request"})

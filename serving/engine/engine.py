@@ -3,6 +3,14 @@
 A background thread repeats one iteration: admit waiting requests into free cache rows
 (prefilled together), then decode one token for every running request in a single batch,
 whatever their adapters. Finished and cancelled requests leave at once. Usable without Ray.
+
+Admission never stalls the batch: an adapter that is not in host memory is read and validated
+on a loader thread (store.prepare) while decoding goes on; a request waiting for it, or for a
+free slot, does not hold up the requests behind it. Waiting requests are taken round-robin over
+adapters, and one adapter holds at most max_rows_per_adapter rows while others wait.
+
+Over 400 lines: one class whose methods share the engine thread's state (queue, batch, cache
+rows, leases); its pure parts live in admission, prefill, sampling and detokenize.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from loraplex.serving.engine.admission import AdapterLoader, round_robin
 from loraplex.serving.engine.api import (
     EngineConfig,
     RequestBook,
@@ -33,7 +42,9 @@ from loraplex.serving.engine.runner import KVCacheRunner
 from loraplex.serving.engine.sampling import SamplingParams, sample_next
 from loraplex.serving.engine.store import AdapterStore
 from loraplex.serving.errors import DeadlineExceeded, InvalidRequest, NoFreeSlot
-from loraplex.training.errors import LoraplexError
+from loraplex.training.errors import ConfigError, LoraplexError
+
+ADAPTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 logger = logging.getLogger("loraplex.engine")
 
@@ -67,6 +78,9 @@ class TorchEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
         if config.quantization not in ("nf4", "bf16"):
             raise InvalidRequest(f"unknown quantization {config.quantization!r}: use nf4 or bf16")
+        if config.adapter_dtype not in ADAPTER_DTYPES:
+            raise ConfigError(f"adapter_dtype {config.adapter_dtype!r}: use {' or '.join(ADAPTER_DTYPES)}")
+        self.rows_per_adapter = config.max_rows_per_adapter or max(1, config.max_batch // 2)
         # GPU kernels (cuBLAS, bitsandbytes) pick their reduction order by matrix shape, so a
         # request's greedy output could change with the batch around it. On CUDA every forward
         # has a fixed shape: one prefill per request, and decode padded to max_batch rows over
@@ -78,6 +92,11 @@ class TorchEngine:
         self.book = RequestBook(self, metrics)
         self._cond = self.book.cond  # guards the queue, the batch and the book together
         self.steps = 0  # decode iterations run: tests and metrics read it
+        # (end time, requests admitted, seconds spent placing adapters into slots) per decode step
+        self.step_log: deque[tuple[float, int, float]] = deque(maxlen=4096)
+        self._wake = False  # something changed that may let a waiting request in
+        self._last_adapter = None  # round-robin position: the adapter admitted last
+        self._admitted_now, self._placing_s = 0, 0.0  # this iteration's, for step_log
         # how fast a cancel frees its batch row, in decode steps (the bar: at most one)
         self.cancelled, self.max_cancel_lag_steps = 0, 0
         # One thread loads the model and runs every forward. libgomp gives each thread that
@@ -104,7 +123,9 @@ class TorchEngine:
         self.model = model
         self.max_seq = min(config.max_seq, model.config.max_position_embeddings)
         # +1 slot: room for a hot swap while the old version finishes its requests
-        self.slots = LoraSlots(model, config.max_loras + 1, config.max_lora_rank, config.max_batch)
+        self.slots = LoraSlots(
+            model, config.max_loras + 1, config.max_lora_rank, config.max_batch, ADAPTER_DTYPES[config.adapter_dtype]
+        )
         self.runner = KVCacheRunner(model, self.slots, config.max_batch, self.max_seq)
         self.store = AdapterStore(
             config.adapters or base_dir / "_no_adapters",
@@ -112,7 +133,9 @@ class TorchEngine:
             self.base_fingerprint,
             config.max_lora_rank,
             metrics=self.metrics,
+            host_bytes=config.host_adapter_bytes,
         )
+        self.loader = AdapterLoader(self.store, self._loaded)
         self.eos_ids = {self.tokenizer.eos_token_id, model.config.eos_token_id} - {None}
         self.vocab_size = model.config.vocab_size
         self._grammars = None  # GrammarCompiler, made on the first response_format request
@@ -153,6 +176,7 @@ class TorchEngine:
             request.processor = LogitsProcessor(params, request.prompt_ids, self.vocab_size, self.eos_ids, grammar)
         with self._cond:
             self._waiting.append(request)
+            self._wake = True
             self._cond.notify()
         if self.metrics:
             self.metrics.queue_depth(len(self._waiting))
@@ -178,6 +202,7 @@ class TorchEngine:
             request = self.book.in_flight.get(request_id)
             if request is not None and not request.cancelled:
                 request.cancelled, request.cancel_step = True, self.steps
+                self._wake = True
                 self._cond.notify()
 
     def stats(self) -> dict:
@@ -189,6 +214,8 @@ class TorchEngine:
                 "steps": self.steps,
                 "cancelled": self.cancelled,
                 "max_cancel_lag_steps": self.max_cancel_lag_steps,
+                "loading": len(self.loader),
+                **self.store.counts,
             }
 
     def shutdown(self, drain: bool = True, timeout: float = 60.0) -> None:
@@ -198,18 +225,25 @@ class TorchEngine:
             if not drain:
                 for request in list(self._waiting) + self._running:
                     request.cancelled = True
+            self._wake = True
             self._cond.notify()
         self._thread.join(timeout)
+        if hasattr(self, "loader"):
+            self.loader.shutdown()
 
     # -- the engine thread -----------------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._waiting or self._running or self.book.stopping):
-                    self._cond.wait()
+                # sleep until a request, a cancel, a finished load or a deadline can change something
+                while not (self._running or self.book.stopping or (self._waiting and self._wake)):
+                    self._cond.wait(self._until_next_deadline())
+                    if self._deadline_passed():
+                        break
                 if self.book.stopping and not (self._waiting or self._running):
                     return
+                self._wake = False
             try:
                 self._drop_cancelled()
                 self._admit()
@@ -225,6 +259,14 @@ class TorchEngine:
                     except Exception:  # keep failing the others; the loop must survive
                         logger.exception("could not fail request %s", request.request_id)
 
+    def _until_next_deadline(self) -> float | None:
+        deadlines = [r.deadline for r in self._waiting if r.deadline is not None]
+        return max(0.0, min(deadlines) - time.monotonic()) + 1e-3 if deadlines else None
+
+    def _deadline_passed(self) -> bool:
+        now = time.monotonic()
+        return any(r.deadline is not None and now > r.deadline for r in self._waiting)
+
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
         with self._cond:
@@ -238,32 +280,61 @@ class TorchEngine:
                 )
 
     def _admit(self) -> None:
-        admitted = []
-        while True:
-            with self._cond:
-                if not self._waiting or not self._free_rows:
-                    break
-                request = self._waiting[0]
-            try:
-                request.lease = self.store.acquire(request.adapter_id) if request.adapter_id else None
-            except NoFreeSlot:
-                break  # wait for a running request to release its adapter
-            except Exception as exc:  # this request fails alone; an unexpected error must not retry forever
-                if not isinstance(exc, LoraplexError):
-                    logger.exception("loading adapter %r failed", request.adapter_id)
-                self._finish(request, "error", exc)
+        admitted, placing = [], 0.0
+        with self._cond:
+            candidates = round_robin(self._waiting, self._last_adapter)
+            rows_held: dict[str, int] = {}
+            for request in self._running:
+                rows_held[request.adapter_id] = rows_held.get(request.adapter_id, 0) + 1
+        blocked: set[str] = set()  # adapters whose head request cannot start now: FIFO within an adapter
+        others_waiting = len({r.adapter_id for r in candidates}) > 1
+        for request in candidates:
+            adapter = request.adapter_id
+            if adapter in blocked:
+                continue
+            if others_waiting and rows_held.get(adapter, 0) >= self.rows_per_adapter:
+                blocked.add(adapter)  # fairness: this adapter has its share while others wait
                 continue
             with self._cond:
-                self._waiting.popleft()
+                if not self._free_rows:
+                    break
+            started = time.perf_counter()
+            try:
+                lease = self.loader.lease(adapter) if adapter else None
+            except NoFreeSlot as exc:
+                if not self._running:  # nothing will release a slot: every one is pinned
+                    self._finish(request, "error", exc)
+                blocked.add(adapter)  # a running request must release an adapter first
+                continue
+            except Exception as exc:  # this request fails alone; an unexpected error must not retry forever
+                if not isinstance(exc, LoraplexError):
+                    logger.exception("loading adapter %r failed", adapter)
+                self._finish(request, "error", exc)
+                continue
+            placing += time.perf_counter() - started
+            if adapter and lease is None:
+                blocked.add(adapter)  # being read on the loader thread; the others go on
+                continue
+            request.lease = lease
+            with self._cond:
+                self._waiting.remove(request)
                 request.row = self._free_rows.pop()
                 self._running.append(request)
+            rows_held[adapter] = rows_held.get(adapter, 0) + 1
+            self._last_adapter = adapter
             admitted.append(request)
+        self._admitted_now, self._placing_s = len(admitted), placing
         # Every forward first, then sampling: a request that finishes at once (echo with
         # max_tokens=0) moves the last batch position, which a later group's forward reads.
         groups = prefill_groups(admitted, one_by_one=self.fixed_shapes)
         prefilled = [(group.requests, self._prefill(group)) for group in groups]
         for requests, logits in prefilled:
             self._accept_tokens(requests, logits)
+
+    def _loaded(self) -> None:
+        with self._cond:
+            self._wake = True
+            self._cond.notify()
 
     def _prefill(self, group: PrefillGroup) -> torch.Tensor:
         requests = group.requests[:1] if group.shared else group.requests
@@ -297,6 +368,8 @@ class TorchEngine:
         for request in requests:
             request.length += 1
         self.steps += 1
+        self.step_log.append((time.monotonic(), self._admitted_now, self._placing_s))
+        self._admitted_now, self._placing_s = 0, 0.0
         if self.metrics:
             self.metrics.batch_size(len(requests))
         self._accept_tokens(requests, logits)
@@ -378,6 +451,7 @@ class TorchEngine:
                 if last is not request:
                     self._running[index] = last
                 self._free_rows.append(request.row)
+                self._wake = True  # a row, and maybe a slot, is free for the requests waiting
             elif request in self._waiting:
                 self._waiting.remove(request)
             if reason == "cancelled":

@@ -1,11 +1,13 @@
 """Batched mixed-adapter LoRA: every row of a batch applies its own adapter, base matmul shared.
 
-The idea behind Punica's SGMV and S-LoRA, in plain torch. Adapters live in numbered slots
-(slot 0: no adapter). Each running request holds a batch *position*; every projection group
-keeps a copy of its position's adapter weights, so one bmm pair applies all the rows' adapters.
+The idea behind Punica's SGMV and S-LoRA. Adapters live in numbered slots (slot 0: no adapter),
+stored once per slot. Each running request holds a batch *position* that names its slot.
 
-Three things keep the per-step cost low on a CPU, where small ops cost more in dispatch than in
-arithmetic:
+On CPU one call of lora_op per group of linears applies every row's adapter, reading each
+resident adapter once per step (rows grouped by slot, a fixed summation order per row, so
+mixed == solo stays bit-exact). On CUDA, or where the op cannot build, the older path runs: every
+group keeps a per-position copy of its adapter and one bmm pair applies them all. Three things
+keep that path's per-step cost low:
 - positions change one at a time: the engine removes a finished request by moving the last
   one into its place, so a join or a leave copies one adapter, not the whole batch's;
 - linears that read the same input (q/k/v, gate/up) form one group: one bmm computes all of
@@ -19,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import loraplex.serving.engine.lora_op as lora_op
 from loraplex.training.lora_format import LoraModule
 
 # Linears of one decoder layer that read the same input, by their PEFT module-path suffix.
@@ -37,8 +40,10 @@ class BatchLayout:
         self.positions: list[tuple[int, int]] = []  # (slot, slot generation) per position
         self.slot_generation = [0] * n_slots
         self.slot_rank = [0] * n_slots
+        self.slot_rank_tensor = torch.zeros(n_slots, dtype=torch.long)  # what lora_op reads
         self.rank = 0  # largest rank in the batch: the bmms span only that much
         self.version = 0  # bumps whenever positions or rank change
+        self._token_slots: dict[tuple, torch.Tensor] = {}
 
     def set(self, slots: list[int]) -> None:
         positions = [(s, self.slot_generation[s]) for s in slots]
@@ -46,6 +51,21 @@ class BatchLayout:
         if positions != self.positions or rank != self.rank:
             self.positions, self.rank = positions, rank
             self.version += 1
+            self._token_slots.clear()
+
+    def set_rank(self, slot: int, rank: int) -> None:
+        self.slot_rank[slot] = rank
+        self.slot_rank_tensor[slot] = rank
+        self.slot_generation[slot] += 1
+
+    def token_slots(self, start: int, rows: int, tokens: int) -> torch.Tensor:
+        """The slot of each token row of positions start..start+rows, `tokens` each (one tensor per forward)."""
+        key = (start, rows, tokens)
+        found = self._token_slots.get(key)
+        if found is None:
+            slots = torch.tensor([s for s, _ in self.positions[start : start + rows]], dtype=torch.long)
+            found = self._token_slots[key] = slots.repeat_interleave(tokens)
+        return found
 
 
 def _run_base(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -67,35 +87,43 @@ class LoraGroup(nn.Module):
         n_slots: int,
         max_rank: int,
         max_batch: int,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         self.names, self.linears, self.layout = names, nn.ModuleList(linears), layout
-        self.max_batch = max_batch
+        self.max_batch, self.max_rank = max_batch, max_rank
         self.in_features = linears[0].in_features
         self.out_features = [m.out_features for m in linears]
         device = linears[0].weight.device
-        # Per slot, per member, already transposed for bmm: A.T [d_in, r] and (scaling * B).T
-        # [r, d_out], fp32 like PEFT's. Copying a slot into a batch position is then a plain copy.
-        self.slot_A = [torch.zeros(n_slots, self.in_features, max_rank, device=device) for _ in linears]
-        self.slot_B = [torch.zeros(n_slots, max_rank, d, device=device) for d in self.out_features]
+        # Per slot, already transposed: A.T of every member side by side at the slot's own rank
+        # [d_in, members * rank] (one pass over x computes all their x @ A; the width is padded to
+        # lora_op's 16-column vectors) and (scaling * B).T [max_rank, d_out] per member.
+        n = len(linears)
+        width = -(-n * max_rank // 16) * 16
+        self.slot_A = torch.zeros(n_slots, self.in_features, width, dtype=dtype, device=device)
+        self.slot_B = [torch.zeros(n_slots, max_rank, d, dtype=dtype, device=device) for d in self.out_features]
+        self.use_op = device.type == "cpu" and lora_op.available()
         self._synced_version, self._rank = -1, -1
         self._held: list[tuple[int, int] | None] = []
         self._pos_A = self._pos_B = None
 
-    def load_slot(self, slot: int, member: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
-        """Write one member's matrices into a slot (None: not targeted), zero-padding the rank."""
-        self.slot_A[member][slot].zero_()
-        self.slot_B[member][slot].zero_()
-        if a is not None:
-            rank = a.shape[0]
-            self.slot_A[member][slot, :, :rank] = a.to(torch.float32).T
-            self.slot_B[member][slot, :rank] = b.to(torch.float32).T * scaling  # scaling folded in once
+    def clear_slot(self, slot: int) -> None:
+        self.slot_A[slot].zero_()
+        for b in self.slot_B:
+            b[slot].zero_()
+
+    def load_member(self, slot: int, member: int, slot_rank: int, a_t: torch.Tensor, b_t: torch.Tensor) -> None:
+        """Write one member's A.T [d_in, r] and scaled B.T [r, d_out] into a cleared slot; its A
+        columns start at member * slot_rank (r < slot_rank: the rest stay zero)."""
+        rank = a_t.shape[1]
+        self.slot_A[slot, :, member * slot_rank : member * slot_rank + rank] = a_t
+        self.slot_B[member][slot, :rank] = b_t
 
     def _sync(self) -> None:
         """Bring the per-position copies in line with the layout, copying only what changed."""
         layout, rank = self.layout, self.layout.rank
         if rank != self._rank:  # new width: reallocate, and every position is copied again
-            device, n = self.slot_A[0].device, len(self.linears)
+            device, n = self.slot_A.device, len(self.linears)
             # bmm-ready, contiguous layouts: a transposed view would be copied on every call
             self._pos_A = torch.zeros(self.max_batch, self.in_features, n * rank, device=device)
             self._pos_B = [torch.zeros(self.max_batch, rank, d, device=device) for d in self.out_features]
@@ -107,8 +135,10 @@ class LoraGroup(nn.Module):
         self._synced_version = layout.version
 
     def _copy_in(self, position: int, slot: int, rank: int) -> None:
+        own = self.layout.slot_rank[slot]  # the slot's members sit side by side at its own rank
+        self._pos_A[position].zero_()
         for j in range(len(self.linears)):
-            self._pos_A[position, :, j * rank : (j + 1) * rank] = self.slot_A[j][slot, :, :rank]
+            self._pos_A[position, :, j * rank : j * rank + own] = self.slot_A[slot, :, j * own : (j + 1) * own]
             self._pos_B[j][position] = self.slot_B[j][slot, :rank]
 
     def forward(self, x: torch.Tensor, start: int) -> list[torch.Tensor]:
@@ -117,9 +147,17 @@ class LoraGroup(nn.Module):
         rank = self.layout.rank
         if rank == 0:
             return outputs
+        b, t = x.shape[0], x.shape[1]
+        if self.use_op:  # adds each row's LoRA into the base outputs in place
+            flat = [y.view(b * t, -1) for y in outputs]
+            token_slots = self.layout.token_slots(start, b, t)
+            lora_op.lora_add(
+                x.reshape(b * t, -1), token_slots, self.layout.slot_rank_tensor, self.slot_A, self.slot_B, flat
+            )
+            return outputs
         if self._synced_version != self.layout.version:
             self._sync()
-        rows = slice(start, start + x.shape[0])
+        rows = slice(start, start + b)
         h = torch.bmm(x.to(self._pos_A.dtype), self._pos_A[rows])  # [b, t, n*r]: every member's x @ A
         return [
             y + torch.bmm(h[..., j * rank : (j + 1) * rank], b[rows]).to(y.dtype)  # [b, t, d_out]
@@ -132,7 +170,10 @@ class LoraSlots:
 
     per_module_scaling = True  # tells the store that rank_pattern/alpha_pattern adapters fit here
 
-    def __init__(self, model: nn.Module, n_adapters: int, max_rank: int, max_batch: int) -> None:
+    def __init__(
+        self, model: nn.Module, n_adapters: int, max_rank: int, max_batch: int, dtype: torch.dtype = torch.float32
+    ) -> None:
+        """dtype: how adapter weights are stored (float32 like PEFT's, or bfloat16: half the bytes read)."""
         self.n_slots = n_adapters + 1  # slot 0: no adapter
         self.layout = BatchLayout(self.n_slots)
         self.groups: list[dict[str, LoraGroup]] = []  # per decoder layer: group name -> group
@@ -142,7 +183,7 @@ class LoraSlots:
             by_name = {}
             for suffixes in GROUPS:
                 linears = [layer.get_submodule(s) for s in suffixes]
-                group = LoraGroup(list(suffixes), linears, self.layout, self.n_slots, max_rank, max_batch)
+                group = LoraGroup(list(suffixes), linears, self.layout, self.n_slots, max_rank, max_batch, dtype)
                 by_name[suffixes[0]] = group
                 for j, (suffix, linear) in enumerate(zip(suffixes, linears)):
                     path = f"model.layers.{index}.{suffix}"
@@ -154,20 +195,35 @@ class LoraSlots:
         """Batch position i holds slot slots[i] for the next forward passes."""
         self.layout.set(slots)
 
-    def load_slot(self, slot: int, weights: dict[str, LoraModule]) -> None:
-        """weights: {module path: LoraModule}, each with its own rank and scaling (rank_pattern,
-        alpha_pattern, rsLoRA); smaller ranks are zero-padded to the slot's, untargeted modules stay zero."""
-        for path, (group, member) in self._members.items():
-            module = weights.get(path)
-            if module is None:
-                group.load_slot(slot, member, None, None, 0.0)
-            else:
-                group.load_slot(slot, member, module.a, module.b, module.scaling)
-        self.layout.slot_rank[slot] = max(m.rank for m in weights.values())
-        self.layout.slot_generation[slot] += 1
+    def prepare(self, weights: dict[str, LoraModule]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{module path: (A.T [d_in, r], scaling * B.T [r, d_out])} in the slots' dtype: the host
+        tier keeps this form, so a slot placement is a plain copy. Any thread may call it."""
+        dtype = self.groups[0][GROUPS[0][0]].slot_A.dtype
+        return {
+            path: (
+                module.a.to(torch.float32).T.contiguous().to(dtype),
+                (module.b.to(torch.float32).T * module.scaling).contiguous().to(dtype),  # scaling folded in once
+            )
+            for path, module in weights.items()
+        }
+
+    def load_slot(self, slot: int, weights: dict) -> None:
+        """weights: `prepare`'s form, or {module path: LoraModule}, each with its own rank and
+        scaling (rank_pattern, alpha_pattern, rsLoRA); smaller ranks are zero-padded to the slot's,
+        untargeted modules stay zero."""
+        if any(isinstance(m, LoraModule) for m in weights.values()):
+            weights = self.prepare(weights)
+        rank = max(a.shape[1] for a, _ in weights.values())
+        for layer in self.groups:
+            for group in layer.values():
+                group.clear_slot(slot)
+        for path, (a_t, b_t) in weights.items():
+            group, member = self._members[path]
+            group.load_member(slot, member, rank, a_t, b_t)
+        self.layout.set_rank(slot, rank)
 
     def clear_slot(self, slot: int) -> None:
-        for group, member in self._members.values():
-            group.load_slot(slot, member, None, None, 0.0)
-        self.layout.slot_rank[slot] = 0
-        self.layout.slot_generation[slot] += 1
+        for layer in self.groups:
+            for group in layer.values():
+                group.clear_slot(slot)
+        self.layout.set_rank(slot, 0)

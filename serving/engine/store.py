@@ -4,6 +4,11 @@ Lifecycle: an ID resolves to a folder inside the root; its files are validated b
 weight is read; the weights go into a free slot (evicting the least recently used unpinned,
 idle adapter). A folder whose files change on disk is a new version: new requests get a new
 slot while requests in flight finish on the old one, which is freed when its last user leaves.
+
+Two tiers, so that a load never stalls decoding: `prepare` reads, hashes, parses and validates
+an adapter (any thread, without the store's lock) into a host-memory LRU bounded in bytes;
+`try_acquire` (the engine thread) only copies a prepared adapter into a slot, and says None
+when it is not prepared yet.
 """
 
 from __future__ import annotations
@@ -27,6 +32,19 @@ ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 
 
 @dataclass
+class PreparedAdapter:
+    """A validated adapter in host memory, ready to copy into a slot."""
+
+    adapter_id: str
+    version: tuple
+    version_id: str
+    rank: int
+    config: dict
+    placed: object  # what the slots copy in: LoraSlots.prepare's tensors, or the raw files (vLLM)
+    nbytes: int
+
+
+@dataclass
 class SlotLease:
     """One version of one adapter, resident in one slot; requests hold it while they run."""
 
@@ -47,9 +65,11 @@ class AdapterStore:
         max_rank: int,
         max_adapter_bytes: int = 1 << 30,
         metrics=None,
+        host_bytes: int = 2 << 30,
     ) -> None:
         """slots: an object with `n_slots`, `module_shapes` ({name: (d_in, d_out)}),
-        `load_slot(slot, weights, scaling)` and `clear_slot(slot)`; slot 0 is the bare base."""
+        `load_slot(slot, weights)` and `clear_slot(slot)`, and optionally `prepare(weights)` (the
+        form load_slot copies fastest); slot 0 is the bare base. host_bytes bounds the host tier."""
         self.root = Path(root).resolve()
         self.slots = slots
         self.base_fingerprint = base_fingerprint
@@ -61,6 +81,10 @@ class AdapterStore:
         self._retired: list[SlotLease] = []  # old versions still in use
         self._free = list(range(slots.n_slots - 1, 0, -1))
         self.pinned: set[str] = set()
+        self.host_bytes = host_bytes
+        self._host: OrderedDict[str, PreparedAdapter] = OrderedDict()  # LRU, newest last
+        self._host_lock = threading.Lock()  # guards _host only: never held during I/O
+        self.counts = {"slot_hits": 0, "host_hits": 0, "disk_loads": 0}  # acquisitions by tier
 
     # -- resolving and validating ------------------------------------------------------------
 
@@ -144,7 +168,14 @@ class AdapterStore:
     # -- residency ---------------------------------------------------------------------------
 
     def acquire(self, adapter_id: str) -> SlotLease:
-        """A lease on the newest version of the adapter, loading it if needed. Caller must release."""
+        """A lease on the newest version of the adapter, reading it if needed. Caller must release."""
+        lease = self.try_acquire(adapter_id)
+        return lease if lease is not None else self.try_acquire(adapter_id, self.prepare(adapter_id))
+
+    def try_acquire(self, adapter_id: str, prepared: PreparedAdapter | None = None) -> SlotLease | None:
+        """A lease if the adapter's newest version is resident or prepared (then copied into a
+        slot: no disk read); None when it must be prepared first. Raises NoFreeSlot when every
+        slot is pinned or in use. Caller must release."""
         with self._lock:
             lease = self._current.get(adapter_id)
             folder = self.folder(adapter_id) if lease is None else self.root / adapter_id
@@ -156,11 +187,81 @@ class AdapterStore:
                 if changed:
                     self._retire(lease)
                     lease = None
-            if lease is None:
-                lease = self._load(adapter_id)
+            if lease is not None:
+                self.counts["slot_hits"] += 1
+            else:
+                version = self._version(self.folder(adapter_id))
+                if prepared is None or prepared.version != version:
+                    prepared = self._host_get(adapter_id, version)
+                    if prepared is None:
+                        return None
+                    self.counts["host_hits"] += 1
+                lease = self._place_prepared(prepared)
             self._current.move_to_end(adapter_id)
             lease.users += 1
             return lease
+
+    def prepare(self, adapter_id: str) -> PreparedAdapter:
+        """Read, hash, parse and validate the adapter's newest version into the host tier.
+        Safe from any thread; takes no slot and never holds the store's lock during I/O."""
+        folder = self.folder(adapter_id)
+        version = self._version(folder)
+        found = self._host_get(adapter_id, version)
+        if found is not None:
+            return found
+        folder, config, _ = self.validate(adapter_id)
+        files = {name: (folder / name).read_bytes() for name in ADAPTER_FILES}  # read once: check, hash, place
+        weights = self._read_weights(adapter_id, files[WEIGHTS_NAME], config)
+        prepared = PreparedAdapter(
+            adapter_id=adapter_id,
+            version=version,
+            version_id=hashlib.sha256(b"".join(files.values())).hexdigest()[:12],
+            rank=max(m.rank for m in weights.values()),
+            config=config,
+            **self._prepare_placement(weights, files),
+        )
+        with self._host_lock:
+            self.counts["disk_loads"] += 1
+            self._host[adapter_id] = prepared
+            self._host.move_to_end(adapter_id)
+            total = sum(p.nbytes for p in self._host.values())
+            while total > self.host_bytes and len(self._host) > 1:
+                _, dropped = self._host.popitem(last=False)
+                total -= dropped.nbytes
+        return prepared
+
+    def _host_get(self, adapter_id: str, version: tuple) -> PreparedAdapter | None:
+        with self._host_lock:
+            prepared = self._host.get(adapter_id)
+            if prepared is None or prepared.version != version:
+                return None
+            self._host.move_to_end(adapter_id)
+            return prepared
+
+    def host_resident(self) -> list[str]:
+        """IDs in the host tier, least recently used first."""
+        with self._host_lock:
+            return list(self._host)
+
+    def _prepare_placement(self, weights: dict[str, LoraModule], files: dict[str, bytes]) -> dict:
+        """`placed` (what a slot placement copies: here the slots' prepared tensors) and its `nbytes`."""
+        prepare = getattr(self.slots, "prepare", None)
+        placed = prepare(weights) if prepare else weights
+        return {"placed": placed, "nbytes": _tensor_bytes(placed)}
+
+    def _place_prepared(self, prepared: PreparedAdapter) -> SlotLease:
+        started = time.perf_counter()
+        slot = self._take_slot()
+        try:
+            self._place(slot, prepared)
+        except Exception:
+            self._free_slot(slot)
+            raise
+        lease = SlotLease(prepared.adapter_id, slot, prepared.version, prepared.rank, version_id=prepared.version_id)
+        self._current[prepared.adapter_id] = lease
+        if self.metrics:
+            self.metrics.adapter_loaded(prepared.adapter_id, time.perf_counter() - started, len(self._current))
+        return lease
 
     def release(self, lease: SlotLease) -> None:
         with self._lock:
@@ -169,32 +270,10 @@ class AdapterStore:
                 self._retired.remove(lease)
                 self._free_slot(lease.slot)
 
-    def _load(self, adapter_id: str) -> SlotLease:
-        started = time.perf_counter()
-        folder, config, _ = self.validate(adapter_id)
-        version = self._version(folder)
-        files = {name: (folder / name).read_bytes() for name in ADAPTER_FILES}  # read once: check, hash, place
-        weights = self._read_weights(adapter_id, files[WEIGHTS_NAME], config)
-        version_id = hashlib.sha256(b"".join(files.values())).hexdigest()[:12]
-        rank = max(m.rank for m in weights.values())
-        slot = self._take_slot()
-        try:
-            self._place(slot, adapter_id, version_id, config, weights, files)
-        except Exception:
-            self._free_slot(slot)
-            raise
-        lease = SlotLease(adapter_id, slot, version, rank, version_id=version_id)
-        self._current[adapter_id] = lease
-        if self.metrics:
-            self.metrics.adapter_loaded(adapter_id, time.perf_counter() - started, len(self._current))
-        return lease
-
-    def _place(
-        self, slot: int, adapter_id: str, version_id: str, config: dict, weights: dict, files: dict[str, bytes]
-    ) -> None:
-        """Put a validated adapter into a slot: here its tensors, each module with its own rank and
-        scaling (the vLLM store registers the files instead)."""
-        self.slots.load_slot(slot, weights)
+    def _place(self, slot: int, prepared: PreparedAdapter) -> None:
+        """Put a prepared adapter into a slot: here a copy of its tensors, each module with its own
+        rank and scaling (the vLLM store registers the files instead)."""
+        self.slots.load_slot(slot, prepared.placed)
 
     def _take_slot(self) -> int:
         if self._free:
@@ -256,6 +335,15 @@ class AdapterStore:
         return sorted(
             p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".") and _safe(p.name)
         )
+
+
+def _tensor_bytes(placed: dict) -> int:
+    """Bytes of the tensors in {module: (a, b) or LoraModule}: what the host tier holds."""
+    total = 0
+    for value in placed.values():
+        for tensor in (value.a, value.b) if isinstance(value, LoraModule) else value:
+            total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def _safe(name: str) -> bool:

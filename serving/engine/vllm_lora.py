@@ -20,7 +20,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from loraplex.serving.engine.store import AdapterStore, SlotLease
+from loraplex.serving.engine.store import AdapterStore, PreparedAdapter, SlotLease
 from loraplex.serving.errors import AdapterRejected, NoFreeSlot
 from loraplex.training.adapter_id import internal_name, validate_adapter_id
 
@@ -186,12 +186,14 @@ class VLLMLoraSlots:
 class VLLMAdapterStore(AdapterStore):
     """The torch engine's store (same checks, LRU, pins, hot swap) with vLLM LoRA IDs for slots."""
 
-    def _place(
-        self, slot: int, adapter_id: str, version_id: str, config: dict, weights: dict, files: dict[str, bytes]
-    ) -> None:
-        """The validated bytes go to vLLM (add_lora), not into tensors."""
-        self.slots.register(slot, adapter_id, version_id, files)
-        if adapter_id in self.pinned:  # a new version of a pinned adapter is pinned in vLLM too
+    def _prepare_placement(self, weights: dict, files: dict[str, bytes]) -> dict:
+        """vLLM reads the files itself: the host tier keeps the validated bytes."""
+        return {"placed": files, "nbytes": sum(len(b) for b in files.values())}
+
+    def _place(self, slot: int, prepared: PreparedAdapter) -> None:
+        """The validated bytes (`placed`) go to vLLM (add_lora), not into tensors."""
+        self.slots.register(slot, prepared.adapter_id, prepared.version_id, prepared.placed)
+        if prepared.adapter_id in self.pinned:  # a new version of a pinned adapter is pinned in vLLM too
             self.slots.pin(slot, True)
 
     def pin(self, adapter_id: str, pinned: bool = True) -> SlotLease | None:
