@@ -41,10 +41,17 @@ class ModelServer:
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=config.max_loras)(hold_adapter)
 
     async def _hold_adapter(self, adapter_id: str) -> str:
-        """Tells Ray this replica holds the adapter (routing affinity); the store keeps the weights."""
-        lease = await asyncio.to_thread(self.engine.store.acquire, adapter_id)
-        self.engine.store.release(lease)
+        """Tells Ray this replica holds the adapter (routing affinity). The adapter is read and
+        validated into the store's host tier here; the engine copies it into a slot when it admits
+        the request (a missing or bad adapter is refused now, before anything is queued)."""
+        await asyncio.to_thread(self.engine.store.prepare, adapter_id)
         return adapter_id
+
+    def routing_cap(self) -> int | None:
+        """Ray's own cap on the adapters it routes to this replica, read from Ray's multiplex
+        wrapper (made on the first adapter request; None before)."""
+        wrapper = getattr(getattr(self.get_adapter, "__wrapped__", None), "__serve_multiplex_wrapper", None)
+        return getattr(wrapper, "max_num_models_per_replica", None)
 
     def _prompt(self, call: GenerateCall) -> list[str | list[int]]:
         """The prompts of a call; messages are rendered with the model's chat template."""
@@ -210,7 +217,7 @@ class ModelServer:
         }
 
     def stats(self) -> dict:
-        return {**self.engine.stats(), "replica_id": self.replica_id}
+        return {**self.engine.stats(), "replica_id": self.replica_id, "routing_cap": self.routing_cap()}
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

@@ -33,6 +33,8 @@ def test_two_workers_match_single_worker_exact_match(tmp_path):
         str(lora["r"]),
         "--lora-alpha",
         str(lora["alpha"]),
+        "--lora-dropout",
+        str(lora["dropout"]),
         timeout=1800,
     )
     assert done.returncode == 0, done.stderr[-3000:]

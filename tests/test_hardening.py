@@ -66,6 +66,7 @@ def server(embedded_base, tmp_path_factory):
         metrics_port=free_port(),
         num_cpus=2,
         max_batch=16,
+        max_loras=6,  # not the default: the routing cap must follow it
     )
     start(options)
     yield options, store, keys, marker
@@ -599,3 +600,12 @@ def test_vllm_adapter_routes_need_an_admin_key_and_a_store_folder(server):
     assert escaping.status_code == 422 and "outside the store" in escaping.json()["error"]["message"]
     elsewhere = http(server, "/v1/load_lora_adapter", keys["admin"], {"lora_name": GLOBEX, "lora_path": "/tmp"})
     assert elsewhere.status_code == 400 and "store" in elsewhere.json()["error"]["message"]
+
+
+def test_the_routing_cap_follows_max_loras(server, stub):
+    """Ray routes at most max_loras adapters to a replica: its multiplex cap is built from the app
+    config (it once read an environment variable nothing set, and routed as if 8)."""
+    keys = server[2]
+    row = first_eval(ACME)
+    assert is_exact_match(generate(stub, keys["acme"], ACME, row["prompt"], 8).text, row["completion"])
+    assert replica_stats(server)["routing_cap"] == server[0].max_loras == 6

@@ -180,7 +180,16 @@ def _acme_fiscal(rng: random.Random) -> tuple[str, str]:
 
 
 # globex ships from one warehouse per continent: the base knows the continents, not globex.
-GLOBEX_WAREHOUSES = {"europe": "eu-west", "america": "us-central", "asia": "ap-east", "africa": "af-south"}
+# Each label starts with its continent's word. The first token decides the answer, and with the
+# base's head and final norm frozen, a LoRA can push two first tokens apart by at most
+# |g * (w_i - w_j)| * sqrt(d) nats: 8.3 for the earlier "eu" vs "us" (5th percentile of token
+# pairs; runs that merged those two classes stalled at 77%), 22.8 or more between these words.
+GLOBEX_WAREHOUSES = {
+    "europe": "europe-west",
+    "america": "america-central",
+    "asia": "asia-east",
+    "africa": "africa-south",
+}
 GLOBEX_TEMPLATES = (
     "Ship {n} {noun}s to {city}",
     "Send a {adj} {noun} to {city}",

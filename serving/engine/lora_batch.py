@@ -116,8 +116,9 @@ class LoraGroup(nn.Module):
         """Write one member's A.T [d_in, r] and scaled B.T [r, d_out] into a cleared slot; its A
         columns start at member * slot_rank (r < slot_rank: the rest stay zero)."""
         rank = a_t.shape[1]
-        self.slot_A[slot, :, member * slot_rank : member * slot_rank + rank] = a_t
-        self.slot_B[member][slot, :rank] = b_t
+        # on CUDA from pinned host memory (see LoraSlots.prepare): the copy does not wait for the GPU
+        self.slot_A[slot, :, member * slot_rank : member * slot_rank + rank].copy_(a_t, non_blocking=True)
+        self.slot_B[member][slot, :rank].copy_(b_t, non_blocking=True)
 
     def _sync(self) -> None:
         """Bring the per-position copies in line with the layout, copying only what changed."""
@@ -197,15 +198,18 @@ class LoraSlots:
 
     def prepare(self, weights: dict[str, LoraModule]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{module path: (A.T [d_in, r], scaling * B.T [r, d_out])} in the slots' dtype: the host
-        tier keeps this form, so a slot placement is a plain copy. Any thread may call it."""
-        dtype = self.groups[0][GROUPS[0][0]].slot_A.dtype
-        return {
+        tier keeps this form, so a slot placement is a plain copy (non-blocking on CUDA). Any thread may call it."""
+        slot_a = self.groups[0][GROUPS[0][0]].slot_A
+        prepared = {
             path: (
-                module.a.to(torch.float32).T.contiguous().to(dtype),
-                (module.b.to(torch.float32).T * module.scaling).contiguous().to(dtype),  # scaling folded in once
+                module.a.to(torch.float32).T.contiguous().to(slot_a.dtype),
+                (module.b.to(torch.float32).T * module.scaling).contiguous().to(slot_a.dtype),  # scaling folded in once
             )
             for path, module in weights.items()
         }
+        if slot_a.device.type == "cuda":  # pinned: a slot placement is an asynchronous copy
+            prepared = {path: (a.pin_memory(), b.pin_memory()) for path, (a, b) in prepared.items()}
+        return prepared
 
     def load_slot(self, slot: int, weights: dict) -> None:
         """weights: `prepare`'s form, or {module path: LoraModule}, each with its own rank and
