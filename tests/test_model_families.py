@@ -1,15 +1,12 @@
-"""The shapes users bring, random-init from configs written here (nothing downloaded).
+"""The shapes users bring, random-init from configs (training/random_checkpoint.py; nothing downloaded).
 
 For each supported family: the serving runner's logits equal HF's forward (NF4 and bf16), a mixed
 batch gives each request its solo greedy output, a short QLoRA run writes an adapter the store
 serves, the GGUF export runs in llama.cpp with logits close to HF's and carries the chat
 template. An unsupported architecture is refused with one line by the engine and by convert.
 
-Over 400 lines: the family configs and their per-family checks share fixtures (built once per family).
-
 Widths, head counts, vocabularies and RoPE settings are the real ones; layers are cut to 2-3 so
-each test takes seconds. The tokenizer is the embedded base's (2k tokens): the model vocab is
-larger, as the padded vocabularies of real checkpoints are.
+each test takes seconds.
 """
 
 from __future__ import annotations
@@ -22,129 +19,10 @@ import pytest
 import torch
 
 from loraplex.training.architectures import SUPPORTED_ARCHITECTURES, UnsupportedArchitecture
+from loraplex.training.random_checkpoint import FAMILIES, build_family
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-LLAMA3_CHAT = (
-    "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-    "{{ m['content'] }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
-MISTRAL_CHAT = (
-    "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
-    "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
-)
-
-# family -> (config class, config fields, chat template). All GQA, all with dims that are not
-# multiples of 256 somewhere (576, 896, 1536, 4864: k-quants fall back on those rows).
-FAMILIES = {
-    "smollm2-135m": (
-        "LlamaConfig",
-        dict(
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=3,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            vocab_size=49152,
-            tie_word_embeddings=True,
-            rope_theta=100000.0,
-            max_position_embeddings=2048,
-            rms_norm_eps=1e-5,
-        ),
-        CHATML,
-    ),
-    "qwen2.5-0.5b": (
-        "Qwen2Config",
-        dict(  # Qwen2 puts biases on q/k/v (and only there)
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=2,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            vocab_size=151936,
-            tie_word_embeddings=True,
-            rope_theta=1000000.0,
-            max_position_embeddings=32768,
-            rms_norm_eps=1e-6,
-        ),
-        CHATML,
-    ),
-    "llama-3.2-1b": (
-        "LlamaConfig",
-        dict(
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_hidden_layers=2,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=8192,
-            tie_word_embeddings=True,
-            rope_theta=500000.0,
-            rope_scaling={
-                "rope_type": "llama3",
-                "factor": 32.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192,
-            },
-            max_position_embeddings=131072,
-            rms_norm_eps=1e-5,
-        ),
-        LLAMA3_CHAT,
-    ),
-    "mistral-swa": (
-        "MistralConfig",
-        dict(  # a window shorter than the test sequences: it must bite
-            hidden_size=512,
-            intermediate_size=1408,
-            num_hidden_layers=2,
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            vocab_size=4096,
-            tie_word_embeddings=False,
-            rope_theta=10000.0,
-            sliding_window=12,
-            max_position_embeddings=4096,
-            rms_norm_eps=1e-5,
-        ),
-        MISTRAL_CHAT,
-    ),
-}
 SLOW = {"llama-3.2-1b"}  # hidden 2048: NF4 quantization alone takes ~10 s on 2 cores
 PARAMS = [pytest.param(name, id=name, marks=[pytest.mark.slow] if name in SLOW else []) for name in FAMILIES]
-
-
-def build_family(name: str, out: Path, seed: int = 0, std: float = 0.02) -> Path:
-    """A random-init checkpoint of one family with the embedded tokenizer and a family chat template."""
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from loraplex.training.base import ensure_base
-
-    config_class, fields, template = FAMILIES[name]
-    tokenizer = AutoTokenizer.from_pretrained(str(ensure_base()))
-    tokenizer.chat_template = template
-    config = getattr(transformers, config_class)(
-        **fields,
-        initializer_range=std,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # rows past the tokenizer are padding, untrained in real checkpoints too
-        model.get_input_embeddings().weight[len(tokenizer) :] = 0
-        model.get_output_embeddings().weight[len(tokenizer) :] = 0
-    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    # transformers picks the tokenizer class by model_type (Qwen2Tokenizer splits digits one by
-    # one); save what it really loads, so tokenizer.json agrees with it as in real checkpoints
-    AutoTokenizer.from_pretrained(str(out)).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is part of the dev set
 def exported(tmp_path_factory):
     from loraplex.convert.cli import MergeExportConfig, merge_export
     from loraplex.training.random_adapter import make_random_adapter
-    from tests.test_model_families import build_family
+    from loraplex.training.random_checkpoint import build_family
 
     root = tmp_path_factory.mktemp("verify576")
     # std 0.05: peakier next-token distributions than HF's 0.02 init, closer to a trained model's
