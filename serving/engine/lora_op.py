@@ -79,6 +79,37 @@ void panel_rows(int64_t n, const X* const* x, int64_t x_step, const W* w, int64_
   }
 }
 
+// The same sums as `panel`, for NC column vectors at once: each k reads NC adjacent vectors of w
+// (one contiguous stretch), so stage A streams a slot's A once however wide it is.
+template <int64_t R, int64_t NC, typename X, typename W>
+inline void panel_wide(const X* const* x, const W* w, int64_t ld, int64_t k_len, vf (*acc)[4]) {
+  vf loc[R][NC];
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < NC; ++c) loc[r][c] = acc[r][c];
+  for (int64_t k = 0; k < k_len; ++k) {
+    vf wk[NC];
+    for (int64_t c = 0; c < NC; ++c) wk[c] = load(w + k * ld + c * V);
+    for (int64_t r = 0; r < R; ++r) {
+      const float xv = f32(x[r][k]);
+      for (int64_t c = 0; c < NC; ++c) loc[r][c] += xv * wk[c];
+    }
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < NC; ++c) acc[r][c] = loc[r][c];
+}
+
+template <int64_t NC, typename X, typename W>
+void wide_rows(int64_t n, const X* const* x, const W* w, int64_t ld, int64_t k_len, vf (*acc)[4]) {
+  int64_t r = 0;
+  for (; r + RB <= n; r += RB) panel_wide<RB, NC>(x + r, w, ld, k_len, acc + r);
+  switch (n - r) {
+    case 3: panel_wide<3, NC>(x + r, w, ld, k_len, acc + r); break;
+    case 2: panel_wide<2, NC>(x + r, w, ld, k_len, acc + r); break;
+    case 1: panel_wide<1, NC>(x + r, w, ld, k_len, acc + r); break;
+    default: break;
+  }
+}
+
 template <typename X, typename W, typename O>
 void run(const torch::Tensor& x, const torch::Tensor& token_slot, const torch::Tensor& slot_rank,
          const torch::Tensor& a, const std::vector<torch::Tensor>& bs, std::vector<torch::Tensor>& outs,
@@ -124,11 +155,18 @@ void run(const torch::Tensor& x, const torch::Tensor& token_slot, const torch::T
     const int64_t used = ((members * task.rank + V - 1) / V) * V;
     const X* xr[16];
     for (int64_t r = 0; r < task.count; ++r) xr[r] = xp + rows[task.first + r] * d_in;
-    for (int64_t c0 = 0; c0 < used; c0 += V) {
-      vf acc[16] = {};
-      panel_rows(task.count, xr, 1, ap + task.slot * d_in * width + c0, width, d_in, acc);
+    for (int64_t c0 = 0; c0 < used; c0 += 4 * V) {
+      const int64_t nc = std::min<int64_t>(4, (used - c0) / V);
+      vf acc[16][4] = {};
+      const W* w = ap + task.slot * d_in * width + c0;
+      switch (nc) {
+        case 4: wide_rows<4>(task.count, xr, w, width, d_in, acc); break;
+        case 3: wide_rows<3>(task.count, xr, w, width, d_in, acc); break;
+        case 2: wide_rows<2>(task.count, xr, w, width, d_in, acc); break;
+        default: wide_rows<1>(task.count, xr, w, width, d_in, acc); break;
+      }
       for (int64_t r = 0; r < task.count; ++r)
-        std::memcpy(h.data() + (task.first + r) * width + c0, &acc[r], sizeof(vf));
+        std::memcpy(h.data() + (task.first + r) * width + c0, acc[r], nc * sizeof(vf));
     }
   };
   struct Piece { int64_t task, member, c0; };
@@ -146,7 +184,21 @@ void run(const torch::Tensor& x, const torch::Tensor& token_slot, const torch::T
     for (int64_t r = 0; r < task.count; ++r) hr[r] = h.data() + (task.first + r) * width + piece.member * rank;
     const int64_t c_end = std::min(d_out, piece.c0 + 8 * V);
     std::vector<W> tail;  // a last partial chunk of columns, zero-padded to V (same per-element math)
-    for (int64_t c0 = piece.c0; c0 < c_end; c0 += V) {
+    auto add = [&](int64_t c0, const vf* acc, int64_t cols, int64_t r) {
+      O* orow = op + rows[task.first + r] * d_out + c0;
+      float delta[V];
+      std::memcpy(delta, acc, sizeof delta);
+      // the delta is rounded to the output's dtype before the add, as PEFT does (its logprobs match)
+      for (int64_t c = 0; c < cols; ++c) orow[c] = static_cast<O>(f32(orow[c]) + f32(static_cast<O>(delta[c])));
+    };
+    int64_t c0 = piece.c0;
+    for (; c0 + 4 * V <= c_end; c0 += 4 * V) {  // 4 whole vectors: each B row read as one 256-byte stretch
+      vf acc[16][4] = {};
+      wide_rows<4>(task.count, hr, bp + c0, d_out, rank, acc);
+      for (int64_t r = 0; r < task.count; ++r)
+        for (int64_t c = 0; c < 4; ++c) add(c0 + c * V, &acc[r][c], V, r);
+    }
+    for (; c0 < c_end; c0 += V) {
       vf acc[16] = {};
       const int64_t cols = std::min(V, d_out - c0);
       if (cols == V) {
@@ -156,13 +208,7 @@ void run(const torch::Tensor& x, const torch::Tensor& token_slot, const torch::T
         for (int64_t i = 0; i < rank; ++i) std::copy(bp + i * d_out + c0, bp + i * d_out + d_out, tail.begin() + i * V);
         panel_rows(task.count, hr, 1, tail.data(), V, rank, acc);
       }
-      for (int64_t r = 0; r < task.count; ++r) {
-        O* orow = op + rows[task.first + r] * d_out + c0;
-        float delta[V];
-        std::memcpy(delta, &acc[r], sizeof delta);
-        // the delta is rounded to the output's dtype before the add, as PEFT does (its logprobs match)
-        for (int64_t c = 0; c < cols; ++c) orow[c] = static_cast<O>(f32(orow[c]) + f32(static_cast<O>(delta[c])));
-      }
+      for (int64_t r = 0; r < task.count; ++r) add(c0, &acc[r], cols, r);
     }
   };
   if (work < serial_below) {
