@@ -91,7 +91,7 @@ class LoraGroup(nn.Module):
     ) -> None:
         super().__init__()
         self.names, self.linears, self.layout = names, nn.ModuleList(linears), layout
-        self.max_batch, self.max_rank = max_batch, max_rank
+        self.max_batch = max_batch
         self.in_features = linears[0].in_features
         self.out_features = [m.out_features for m in linears]
         device = linears[0].weight.device

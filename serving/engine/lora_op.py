@@ -53,34 +53,10 @@ inline vf load(const at::BFloat16* p) {  // bf16 is the top half of a float
 
 struct Task { int64_t slot, rank, first, count; };  // `count` rows of `rows` from `first`
 
-// acc[r] += sum over k in order of x_r[k] * w[k * ld : k * ld + V], for R rows.
-// Every row's sum runs in the same order, with the same fused multiply-adds, whatever R is:
-// a row's bits never depend on its neighbours.
-template <int64_t R, typename X, typename W>
-inline void panel(const X* const* x, int64_t x_step, const W* w, int64_t ld, int64_t k_len, vf* acc) {
-  vf loc[R];
-  for (int64_t r = 0; r < R; ++r) loc[r] = acc[r];
-  for (int64_t k = 0; k < k_len; ++k) {
-    const vf wk = load(w + k * ld);
-    for (int64_t r = 0; r < R; ++r) loc[r] += f32(x[r][k * x_step]) * wk;
-  }
-  for (int64_t r = 0; r < R; ++r) acc[r] = loc[r];
-}
-
-template <typename X, typename W>
-void panel_rows(int64_t n, const X* const* x, int64_t x_step, const W* w, int64_t ld, int64_t k_len, vf* acc) {
-  int64_t r = 0;
-  for (; r + RB <= n; r += RB) panel<RB>(x + r, x_step, w, ld, k_len, acc + r);
-  switch (n - r) {
-    case 3: panel<3>(x + r, x_step, w, ld, k_len, acc + r); break;
-    case 2: panel<2>(x + r, x_step, w, ld, k_len, acc + r); break;
-    case 1: panel<1>(x + r, x_step, w, ld, k_len, acc + r); break;
-    default: break;
-  }
-}
-
-// The same sums as `panel`, for NC column vectors at once: each k reads NC adjacent vectors of w
-// (one contiguous stretch), so stage A streams a slot's A once however wide it is.
+// acc[r][c] += sum over k in order of x_r[k] * w[k * ld + c * V : ... + V], for R rows and NC
+// column vectors; each k reads NC adjacent vectors of w (one contiguous stretch). Every row's sum
+// runs in the same order, with the same fused multiply-adds, whatever R and NC are: a row's bits
+// never depend on its neighbours.
 template <int64_t R, int64_t NC, typename X, typename W>
 inline void panel_wide(const X* const* x, const W* w, int64_t ld, int64_t k_len, vf (*acc)[4]) {
   vf loc[R][NC];
@@ -199,16 +175,16 @@ void run(const torch::Tensor& x, const torch::Tensor& token_slot, const torch::T
         for (int64_t c = 0; c < 4; ++c) add(c0 + c * V, &acc[r][c], V, r);
     }
     for (; c0 < c_end; c0 += V) {
-      vf acc[16] = {};
+      vf acc[16][4] = {};
       const int64_t cols = std::min(V, d_out - c0);
       if (cols == V) {
-        panel_rows(task.count, hr, 1, bp + c0, d_out, rank, acc);
+        wide_rows<1>(task.count, hr, bp + c0, d_out, rank, acc);
       } else {
         tail.assign(rank * V, W(0.f));
         for (int64_t i = 0; i < rank; ++i) std::copy(bp + i * d_out + c0, bp + i * d_out + d_out, tail.begin() + i * V);
-        panel_rows(task.count, hr, 1, tail.data(), V, rank, acc);
+        wide_rows<1>(task.count, hr, tail.data(), V, rank, acc);
       }
-      for (int64_t r = 0; r < task.count; ++r) add(c0, &acc[r], cols, r);
+      for (int64_t r = 0; r < task.count; ++r) add(c0, acc[r], cols, r);
     }
   };
   if (work < serial_below) {

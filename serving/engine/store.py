@@ -179,6 +179,7 @@ class AdapterStore:
         with self._lock:
             lease = self._current.get(adapter_id)
             folder = self.folder(adapter_id) if lease is None else self.root / adapter_id
+            checked = lease is None  # folder() resolved and checked it
             if lease is not None and folder.is_dir():
                 try:
                     changed = self._version(folder) != lease.version
@@ -190,7 +191,7 @@ class AdapterStore:
             if lease is not None:
                 self.counts["slot_hits"] += 1
             else:
-                version = self._version(self.folder(adapter_id))
+                version = self._version(folder if checked else self.folder(adapter_id))
                 if prepared is None or prepared.version != version:
                     prepared = self._host_get(adapter_id, version)
                     if prepared is None:
