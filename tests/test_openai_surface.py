@@ -215,11 +215,19 @@ def test_chat_n_penalties_and_vllm_extensions(client, server, tokenizer_ids):
         "max_tokens": 5,
         "n": 2,
         "temperature": 1.0,
+        "seed": 4,
+        "logprobs": True,
         "stream_options": {"include_usage": True},
     }
     chunks = stream(server, "chat/completions", body, ChatCompletionChunk)
     assert {c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason} == {0, 1}
-    assert 2 <= chunks[-1].usage.completion_tokens <= 10  # two choices of at most 5
+    # usage counts what both choices streamed (a choice may end on EOS at once: EOS is not a token of it)
+    streamed = {0: 0, 1: 0}
+    for c in chunks:
+        if c.choices and c.choices[0].logprobs and c.choices[0].logprobs.content:
+            streamed[c.choices[0].index] += len(c.choices[0].logprobs.content)
+    assert all(n <= 5 for n in streamed.values())
+    assert chunks[-1].usage.completion_tokens == sum(streamed.values())
 
 
 def test_stream_options_include_usage(client, server):
