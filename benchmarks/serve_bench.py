@@ -119,6 +119,15 @@ def run_naive_peft(
     return _summary("naive PEFT switching", latencies, tokens, time.perf_counter() - started)
 
 
+def random_adapter(base_dir: Path, folder: Path, seed: int, rank: int) -> Path:
+    """A random adapter, kept where it is when an earlier run wrote it (every engine gets the same bytes)."""
+    from loraplex.training.random_adapter import make_random_adapter
+
+    if (folder / "loraplex.json").is_file():
+        return folder
+    return make_random_adapter(base_dir, folder, seed=seed, rank=rank)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-model", type=Path, default=None)
@@ -130,8 +139,12 @@ def main() -> int:
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument(
-        "--naive-requests", type=int, default=16, help="(b) is slow: fewer requests, same per-request work"
+        "--naive-requests", type=int, default=16, help="(b) is slow: fewer requests, same per-request work; 0 skips it"
     )
+    parser.add_argument(
+        "--adapter-store", type=Path, default=None, help="folder to keep the random adapters in (reused when there)"
+    )
+    parser.add_argument("--adapter-prefix", default="bench-", help="adapter i is PREFIX + i in the store")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rank", type=int, default=16, help="rank of the random adapters")
     parser.add_argument("--quantization", default="nf4", choices=["nf4", "bf16", "awq"])
@@ -141,18 +154,15 @@ def main() -> int:
 
     from loraplex.serving.engine import EngineConfig, create_engine
     from loraplex.training.base import ensure_base
-    from loraplex.training.random_adapter import make_random_adapter
 
     base_dir = args.base_model or ensure_base()
     if args.shape:
         from benchmarks.shapes import build_shape
 
         base_dir = build_shape(args.shape, Path(tempfile.gettempdir()) / f"loraplex-shape-{args.shape}")
-    store = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
-    adapter_dirs = {
-        f"bench-{i}": make_random_adapter(base_dir, store / f"bench-{i}", seed=i, rank=args.rank)
-        for i in range(args.adapters)
-    }
+    store = args.adapter_store or Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
+    names = [f"{args.adapter_prefix}{i}" for i in range(args.adapters)]
+    adapter_dirs = {name: random_adapter(base_dir, store / name, i, args.rank) for i, name in enumerate(names)}
     ids = list(adapter_dirs)
     jobs = [(PROMPTS[i % len(PROMPTS)], ids[i % len(ids)]) for i in range(args.requests)]
 
@@ -185,8 +195,10 @@ def main() -> int:
     engine.shutdown()
     # (b) last: torch work in this thread while the engine thread runs would slow the engine
     # (libgomp gives each thread its own worker pool; see serving/engine/engine.py)
-    naive = run_naive_peft(base_dir, adapter_dirs, jobs[: args.naive_requests], args.max_tokens, precision)
-    results = [base, naive, ours, *extra]
+    naive = None
+    if args.naive_requests:
+        naive = run_naive_peft(base_dir, adapter_dirs, jobs[: args.naive_requests], args.max_tokens, precision)
+    results = [r for r in (base, naive, ours, *extra) if r]
     print(
         f"\n{args.clients} clients over {args.adapters} adapters, {args.max_tokens} new tokens, "
         f"{precision} base {base_dir}, {args.engine} engine"
@@ -195,13 +207,13 @@ def main() -> int:
     for r in results:
         print(f"{r['mode']:<22}{r['requests']:>9}{r['tokens_per_s']:>10.1f}{r['p50_s']:>8.2f}{r['p99_s']:>8.2f}")
     ratios = {
-        "loraplex_vs_naive": ours["tokens_per_s"] / naive["tokens_per_s"],
         "loraplex_vs_base": ours["tokens_per_s"] / base["tokens_per_s"],
         **{f"{r['mode']} vs base": r["tokens_per_s"] / base["tokens_per_s"] for r in extra},
     }
-    print(
-        f"\nloraplex / naive = {ratios['loraplex_vs_naive']:.1f}x   loraplex / base = {ratios['loraplex_vs_base']:.0%}"
-    )
+    if naive:
+        ratios["loraplex_vs_naive"] = ours["tokens_per_s"] / naive["tokens_per_s"]
+        print(f"\nloraplex / naive = {ratios['loraplex_vs_naive']:.1f}x", end="")
+    print(f"   loraplex / base = {ratios['loraplex_vs_base']:.0%}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     config = {**{k: str(v) for k, v in vars(args).items()}, "served_precision": precision}
     args.out.write_text(json.dumps({"config": config, "results": results, "ratios": ratios}, indent=2) + "\n")

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -48,6 +49,9 @@ def build_app(args: dict | None = None):
     for name in ("base_model", "adapters", "adapter_base"):  # replicas do not share the driver's cwd
         if args.get(name):
             args[name] = str(Path(args[name]).resolve())
+    if not args.get("threads"):  # replicas on one machine share its CPUs (Ray would give each one thread)
+        most = int((autoscaling or {}).get("max_replicas", replicas))
+        args["threads"] = max(1, len(os.sched_getaffinity(0)) // max(1, most))
     config = EngineConfig(**args)
     require_base_dir(config)  # a missing base fails here, not in every replica
     # Ray hides GPUs from actors that did not ask for one: vLLM (unless its CPU build is what is

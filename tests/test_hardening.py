@@ -609,3 +609,10 @@ def test_the_routing_cap_follows_max_loras(server, stub):
     row = first_eval(ACME)
     assert is_exact_match(generate(stub, keys["acme"], ACME, row["prompt"], 8).text, row["completion"])
     assert replica_stats(server)["routing_cap"] == server[0].max_loras == 6
+
+
+def test_a_replica_runs_its_forwards_on_the_machines_cpus(server):
+    """Ray starts an actor without num_cpus with OMP_NUM_THREADS=1; the engine sets its own
+    thread count (the CPUs divided among the replicas), or a served replica runs at half speed here."""
+    cpus = len(os.sched_getaffinity(0))
+    assert replica_stats(server)["threads"] == max(1, cpus // server[0].replicas)

@@ -48,6 +48,13 @@ class EngineConfig:
         default=0,
         metadata={"help": "rows one adapter may hold while others wait (fairness); 0 = half of max_batch"},
     )
+    threads: int = field(
+        default=0,
+        metadata={
+            "help": "torch engine: threads for each forward; 0 = the CPUs this process may use "
+            "(`loraplex serve` divides them among the replicas)"
+        },
+    )
     max_seq: int = field(default=256, metadata={"help": "context length: prompt + new tokens"})
     max_queue: int = field(default=256, metadata={"help": "waiting requests before RESOURCE_EXHAUSTED"})
     max_new_tokens: int = field(default=256, metadata={"help": "cap on max_tokens per request"})

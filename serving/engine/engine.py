@@ -16,6 +16,7 @@ rows, leases); its pure parts live in admission, prefill, sampling and detokeniz
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -141,6 +142,10 @@ class TorchEngine:
         self._grammars = None  # GrammarCompiler, made on the first response_format request
 
     def _run(self, device: str) -> None:
+        # OpenMP's thread count is per calling thread, and a Ray actor without num_cpus starts
+        # with OMP_NUM_THREADS=1: set here, in the thread that runs every forward.
+        torch.set_num_threads(self.config.threads or len(os.sched_getaffinity(0)))
+        self.threads = torch.get_num_threads()
         try:
             self._load(device)
         except BaseException as exc:  # surfaces in __init__, in the caller's thread
@@ -215,6 +220,7 @@ class TorchEngine:
                 "cancelled": self.cancelled,
                 "max_cancel_lag_steps": self.max_cancel_lag_steps,
                 "loading": len(self.loader),
+                "threads": self.threads,  # what each forward runs on
                 **self.store.counts,
             }
 

@@ -30,6 +30,7 @@ SERIAL_BELOW = 1 << 16  # multiply-adds under which one thread is cheaper than w
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -224,11 +225,13 @@ void lora_add(torch::Tensor x, torch::Tensor token_slot, torch::Tensor slot_rank
   TORCH_CHECK(a.dim() == 3 && a.is_contiguous() && fp(a) && a.size(1) == x.size(1), "a: [slots, d_in, members*rank]");
   TORCH_CHECK(!bs.empty() && bs.size() == outs.size(), "one b and out per member");
   TORCH_CHECK(a.size(2) % 16 == 0, "a's width: a multiple of 16");
-  const int64_t ranks_fit = (slot_rank.max().item<int64_t>() * (int64_t)bs.size() + 15) / 16 * 16;
+  int64_t max_rank = 0;  // read directly: a torch max() per call costs more than this whole scan
+  for (int64_t s = 0; s < slot_rank.size(0); ++s) max_rank = std::max(max_rank, slot_rank.data_ptr<int64_t>()[s]);
+  const int64_t ranks_fit = (max_rank * (int64_t)bs.size() + 15) / 16 * 16;
   TORCH_CHECK(ranks_fit <= a.size(2), "a's width holds every member at the largest slot rank");
   for (size_t j = 0; j < bs.size(); ++j) {
     TORCH_CHECK(bs[j].dim() == 3 && bs[j].is_contiguous() && bs[j].scalar_type() == a.scalar_type(), "b: [slots, rank, d_out]");
-    TORCH_CHECK(bs[j].size(0) == a.size(0) && bs[j].size(1) >= slot_rank.max().item<int64_t>(), "b's slots and rank fit");
+    TORCH_CHECK(bs[j].size(0) == a.size(0) && bs[j].size(1) >= max_rank, "b's slots and rank fit");
     TORCH_CHECK(outs[j].dim() == 2 && outs[j].is_contiguous() && outs[j].size(0) == x.size(0)
                 && outs[j].size(1) == bs[j].size(2) && fp(outs[j]) && outs[j].scalar_type() == outs[0].scalar_type(),
                 "out: contiguous [rows, d_out]");
@@ -298,4 +301,4 @@ def lora_add(
     rank r (zeros after; W a multiple of 16 that holds them at the largest r); bs[j]: [slots, R,
     d_out_j]; outs[j]: [rows, d_out_j]. Slot 0 is skipped.
     """
-    _load().lora_add(x, token_slot, slot_rank, a, bs, outs, ROW_TILE, SERIAL_BELOW)
+    (_module or _load()).lora_add(x, token_slot, slot_rank, a, bs, outs, ROW_TILE, SERIAL_BELOW)
