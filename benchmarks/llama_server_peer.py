@@ -178,6 +178,8 @@ def complete(client: httpx.Client, url: str, prompt: str, adapter: int | None, n
 
 def _run_jobs(client, url: str, jobs, n_loras: int, clients: int, max_tokens: int) -> tuple[list[float], int, float]:
     """`clients` threads, each sending its share of jobs one after another."""
+    from benchmarks.serve_bench import run_clients
+
     latencies, tokens, lock = [], [0], threading.Lock()
 
     def worker(share):
@@ -188,15 +190,10 @@ def _run_jobs(client, url: str, jobs, n_loras: int, clients: int, max_tokens: in
                 latencies.append(time.perf_counter() - t0)
                 tokens[0] += result.get("tokens_predicted") or result["timings"]["predicted_n"]
 
-    threads = [threading.Thread(target=worker, args=(jobs[i::clients],)) for i in range(clients)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    seconds = run_clients(worker, jobs, clients)
     if len(latencies) != len(jobs):
         raise RuntimeError(f"{len(jobs) - len(latencies)} of {len(jobs)} requests failed (see the traceback above)")
-    return latencies, tokens[0], time.perf_counter() - started
+    return latencies, tokens[0], seconds
 
 
 def run_llama_server(

@@ -67,13 +67,19 @@ def run_engine(engine, jobs: list[tuple[str, str]], clients: int, max_tokens: in
                 latencies.append(time.perf_counter() - started)
                 tokens[0] += final.completion_tokens
 
+    seconds = run_clients(client, jobs, clients)
+    return _summary(name, latencies, tokens[0], seconds)
+
+
+def run_clients(client, jobs: list, clients: int) -> float:
+    """`clients` threads, thread i calling client(jobs[i::clients]); the seconds until all are done."""
     threads = [threading.Thread(target=client, args=(jobs[i::clients],)) for i in range(clients)]
     started = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return _summary(name, latencies, tokens[0], time.perf_counter() - started)
+    return time.perf_counter() - started
 
 
 def run_naive_peft(

@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from benchmarks.serve_bench import _percentile, _summary
+from benchmarks.serve_bench import _percentile, _summary, run_clients
 
 KINDS = ("grpc", "grpc-stream", "http-sse")
 
@@ -131,15 +131,10 @@ def run_served(
             channel.close()
             http.close()
 
-    threads = [threading.Thread(target=client, args=(jobs[i::clients],)) for i in range(clients)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    seconds = run_clients(client, jobs, clients)
     if errors:
         raise RuntimeError(f"{name}: {len(errors)} of {len(jobs)} requests failed, first: {errors[0]}")
-    result = _summary(name, latencies, tokens[0], time.perf_counter() - started)
+    result = _summary(name, latencies, tokens[0], seconds)
     if ttfts:
         result |= {"ttft_p50_s": _percentile(ttfts, 0.5), "ttft_p99_s": _percentile(ttfts, 0.99)}
     return result

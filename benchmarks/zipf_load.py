@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.serve_bench import _percentile, _summary
+from benchmarks.serve_bench import _percentile, _summary, run_clients
 
 
 def clone_adapters(template: Path, root: Path, count: int, prefix: str = "zipf") -> list[str]:
@@ -73,13 +73,8 @@ def run_with_ttft(engine, jobs: list[tuple[str, str]], clients: int, max_tokens:
                 tokens[0] += count
                 ttft["resident" if resident else "cold"].append(first)
 
-    threads = [threading.Thread(target=client, args=(jobs[i::clients],)) for i in range(clients)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    result = _summary(name, latencies, tokens[0], time.perf_counter() - started)
+    seconds = run_clients(client, jobs, clients)
+    result = _summary(name, latencies, tokens[0], seconds)
     for kind, values in ttft.items():
         result[f"ttft_{kind}_n"] = len(values)
         if values:
