@@ -209,25 +209,14 @@ def test_chat_n_penalties_and_vllm_extensions(client, server, tokenizer_ids):
     stop_id = first.choices[0].logprobs.content[0]
     cut = chat(client, max_tokens=8, extra_body={"stop_token_ids": [tokenizer_ids_of(server, stop_id.token)]})
     assert cut.choices[0].finish_reason == "stop" and cut.usage.completion_tokens == 0 and greedy
-    body = {
-        "model": "rand-0",
-        "messages": [{"role": "user", "content": PROMPT}],
-        "max_tokens": 5,
-        "n": 2,
-        "temperature": 1.0,
-        "seed": 4,
-        "logprobs": True,
-        "stream_options": {"include_usage": True},
-    }
+    body = {"model": "rand-0", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 5, "n": 2}
+    body |= {"temperature": 1.0, "seed": 4, "logprobs": True, "stream_options": {"include_usage": True}}
     chunks = stream(server, "chat/completions", body, ChatCompletionChunk)
     assert {c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason} == {0, 1}
-    # usage counts what both choices streamed (a choice may end on EOS at once: EOS is not a token of it)
-    streamed = {0: 0, 1: 0}
-    for c in chunks:
-        if c.choices and c.choices[0].logprobs and c.choices[0].logprobs.content:
-            streamed[c.choices[0].index] += len(c.choices[0].logprobs.content)
-    assert all(n <= 5 for n in streamed.values())
-    assert chunks[-1].usage.completion_tokens == sum(streamed.values())
+    streamed = {0: 0, 1: 0}  # usage counts what both choices streamed (a choice may end on EOS at once)
+    for c in (c for c in chunks if c.choices and c.choices[0].logprobs and c.choices[0].logprobs.content):
+        streamed[c.choices[0].index] += len(c.choices[0].logprobs.content)
+    assert all(n <= 5 for n in streamed.values()) and chunks[-1].usage.completion_tokens == sum(streamed.values())
 
 
 def test_stream_options_include_usage(client, server):

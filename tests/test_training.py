@@ -167,3 +167,26 @@ def test_manifest_records_which_optimizer_ran(trained):
     assert optimizer["paged"]
     expected_device = "cuda" if torch.cuda.is_available() else "cpu"
     assert optimizer["state_device"] == expected_device
+
+
+def test_compute_dtype_follows_the_hardware_and_the_override(tiny_base, monkeypatch):
+    """bf16 only where the hardware multiplies it (emulated bf16 made CPU training 8x slower on
+    an AVX2 EPYC); LORAPLEX_COMPUTE_DTYPE picks one, and a wrong value names the right ones."""
+    import bitsandbytes as bnb
+
+    from loraplex.training.errors import ConfigError
+    from loraplex.training.quant import COMPUTE_DTYPE_ENV, compute_dtype, load_nf4_base, nf4_settings
+
+    monkeypatch.delenv(COMPUTE_DTYPE_ENV, raising=False)
+    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert compute_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
+    for name in ("float32", "bfloat16"):
+        monkeypatch.setenv(COMPUTE_DTYPE_ENV, name)
+        model = load_nf4_base(tiny_base, "cpu")
+        linear = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+        assert linear.compute_dtype == getattr(torch, name) == model.model.embed_tokens.weight.dtype
+        assert nf4_settings("cpu")["bnb_4bit_compute_dtype"] == name
+    monkeypatch.setenv(COMPUTE_DTYPE_ENV, "fp16")
+    with pytest.raises(ConfigError, match="bfloat16, float32"):
+        compute_dtype("cpu")

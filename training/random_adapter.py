@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from loraplex.training.manifest import base_fingerprint, write_manifest
-from loraplex.training.quant import NF4_SETTINGS
+from loraplex.training.quant import nf4_settings
 
 
 def make_random_adapter(
@@ -41,7 +41,7 @@ def make_random_adapter(
             "adapter_id": out_dir.name,
             "base_fingerprint": base_fingerprint(base_dir),
             "lora": {"r": rank, "alpha": alpha, "random_seed": seed},
-            "quantization": NF4_SETTINGS,
+            "quantization": nf4_settings(),
         },
     )
     return out_dir

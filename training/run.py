@@ -24,7 +24,7 @@ from loraplex.training.adapter_id import validate_adapter_id
 from loraplex.training.config import TrainConfig
 from loraplex.training.errors import ConfigError, LoraplexError
 from loraplex.training.manifest import base_fingerprint, check_same_base, file_sha256, write_manifest
-from loraplex.training.quant import NF4_SETTINGS
+from loraplex.training.quant import nf4_settings
 
 RUN_STATE = "loraplex_run.json"  # written at start, read by --resume to refuse another base
 
@@ -94,7 +94,8 @@ def _state_device(tensor: torch.Tensor) -> str:
 
 
 def build_qlora_model(base_dir: Path, cfg: TrainConfig):
-    """NF4 base (double quant, bf16 compute), prepared for k-bit training, with LoRA attached."""
+    """NF4 base (double quant; bf16 compute where the hardware has it, see quant.compute_dtype), prepared
+    for k-bit training, with LoRA attached."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from loraplex.training.quant import load_nf4_base
@@ -250,7 +251,7 @@ def train(cfg: TrainConfig, in_worker: bool = False) -> dict:
             "dropout": cfg.lora_dropout,
             "target_modules": sorted(model.peft_config["default"].target_modules),
         },
-        "quantization": NF4_SETTINGS,
+        "quantization": nf4_settings(),
         "optimizer": {
             "name": cfg.optimizer,
             "learning_rate": cfg.learning_rate,
