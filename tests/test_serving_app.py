@@ -228,13 +228,7 @@ def test_prometheus_metrics_per_adapter(server, stub):
     tenant = demo_tenants()[0]
     grpc_generate(stub, "hello\n", tenant)
     url = f"http://127.0.0.1:{server[0].http_port}/metrics"
-    deadline, text = time.time() + 60, ""
-    while time.time() < deadline:
-        text = urllib.request.urlopen(url, timeout=10).read().decode()
-        if f'adapter="{tenant}"' in text and "loraplex_time_to_first_token_seconds" in text:
-            break
-        time.sleep(3)
-    for name in (
+    names = (
         "loraplex_requests_total",
         "loraplex_generated_tokens_total",
         "loraplex_prompt_tokens_total",
@@ -243,6 +237,13 @@ def test_prometheus_metrics_per_adapter(server, stub):
         "loraplex_batch_size",
         "loraplex_adapter_loads_total",
         "loraplex_adapters_resident",
-    ):
+    )
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline:  # Ray exports each series on its own schedule: wait for all of them
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        if f'adapter="{tenant}"' in text and all(name in text for name in names):
+            break
+        time.sleep(3)
+    for name in names:
         assert name in text, name
     assert f'adapter="{tenant}"' in text and 'code="OK"' in text
