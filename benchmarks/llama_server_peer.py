@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -119,12 +118,6 @@ def export_for_llama(
     return model, loras
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tail(log: Path, lines: int = 30) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
@@ -134,8 +127,10 @@ def llama_server(
     binary: Path, model_gguf: Path, lora_ggufs: list[Path], slots: int, ctx_per_slot: int = 512, timeout: float = 300
 ) -> Iterator[str]:
     """A running llama-server (its base URL), killed on exit; continuous batching is its default."""
+    from benchmarks.served_load import free_port
+
     fd, log = tempfile.mkstemp(prefix="llama-server-", suffix=".log")
-    port, log = _free_port(), Path(log)
+    port, log = free_port(), Path(log)
     cmd = [str(binary), "-m", str(model_gguf), *(a for f in lora_ggufs for a in ("--lora", str(f)))]
     cmd += ["--lora-init-without-apply", "--parallel", str(slots), "-c", str(slots * ctx_per_slot)]
     cmd += ["--threads", str(os.cpu_count() or 2), "--host", "127.0.0.1", "--port", str(port), "--no-webui"]

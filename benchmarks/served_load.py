@@ -22,7 +22,8 @@ from benchmarks.serve_bench import _percentile, _summary, run_clients
 KINDS = ("grpc", "grpc-stream", "http-sse")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port nothing listens on now (Serve's ports here, llama-server's in llama_server_peer)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -39,9 +40,9 @@ def served(base_dir: Path, store: Path, max_batch: int, max_loras: int, **engine
         allow_unauthenticated=True,
         max_batch=max_batch,
         max_loras=max_loras,
-        http_port=_free_port(),
-        grpc_port=_free_port(),
-        metrics_port=_free_port(),
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
         **engine,
     )
     start(options)
